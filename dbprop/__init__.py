@@ -1,0 +1,21 @@
+"""dbprop: exact, fast double backpropagation for (leaky-)ReLU networks.
+
+Penalties with input derivatives (Jacobian norms, gradient penalties, double backprop, saliency
+regularisers) computed by the explicit forward, backward, backward-backward and forward-backward passes
+of Etmann (2019), with the accumulated-eta algorithm for exact Jacobian penalties.
+"""
+import torch  # noqa: F401  (must be imported before the native extension)
+
+from . import functional
+from .backends import backend_info, native_available
+from .errors import UnsupportedModelError
+from .functional import FallbackWarning
+from .modules import (AlignmentPenalty, DoubleBackpropLoss, GradientPenalty, JacobianPenalty, OutputGradientPenalty,
+                      RelevancePenalty, SpectralNormPenalty)
+from .program import Program, compile_model
+
+__version__ = "0.1.0"
+
+__all__ = ["JacobianPenalty", "OutputGradientPenalty", "DoubleBackpropLoss", "SpectralNormPenalty",
+           "RelevancePenalty", "AlignmentPenalty", "GradientPenalty", "functional", "compile_model", "Program",
+           "UnsupportedModelError", "FallbackWarning", "native_available", "backend_info", "__version__"]

@@ -1,0 +1,1 @@
+"""Analysis tools: operation counts (and, later, robustness and saliency measurements)."""

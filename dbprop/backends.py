@@ -1,0 +1,50 @@
+"""Backend selection: the native extension ``dbprop._C`` when built, else the pure-PyTorch passes."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+BACKENDS = ("auto", "native", "python")
+
+_native: Optional[Any] = None
+_native_error: Optional[str] = None
+try:  # torch must be imported before the extension (it links against libtorch)
+    from . import _C as _native  # type: ignore[attr-defined, no-redef]
+except ImportError as e:  # no compiler at install time, or not built yet
+    _native_error = str(e)
+
+
+def native_available() -> bool:
+    """Whether the compiled extension is importable and implements the passes."""
+    return _native is not None and hasattr(_native, "penalty_forward")
+
+
+def backend_info() -> Dict[str, Any]:
+    """What was built and what ``backend="auto"`` selects."""
+    info: Dict[str, Any] = {
+        "auto": "native" if native_available() else "python",
+        "native_available": native_available(),
+        "extension_loaded": _native is not None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if _native is not None:
+        info.update(_native.build_info())
+    else:
+        info["extension_error"] = _native_error
+    return info
+
+
+def resolve(backend: str) -> str:
+    """Map ``backend`` to the one that will run; ``"native"`` without the extension is an error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "native" if native_available() else "python"
+    if backend == "native" and not native_available():
+        raise RuntimeError("backend='native' requested but the dbprop._C extension with native passes is not "
+                           "available in this installation; use backend='python' or 'auto'"
+                           + (f" (import error: {_native_error})" if _native_error else ""))
+    return backend
+

@@ -1,0 +1,5 @@
+"""Exceptions of dbprop."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model (or one of its modules) cannot be compiled into a stage program."""

@@ -1,0 +1,44 @@
+"""Autograd double backpropagation (``create_graph=True``) for any model: the fallback for models that
+``compile_model`` rejects, and the float64 oracle of the tests. Same penalties, same conventions."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .penalties import Penalty
+
+
+class AutogradJacobian:
+    """``vjp``/``jvp`` of the output map by autograd (``jvp`` by the double-vjp trick)."""
+
+    def __init__(self, head: Penalty, o: Tensor, x: Tensor) -> None:
+        self.head, self.o, self.x = head, o, x
+
+    def vjp(self, v: Tensor) -> Tensor:
+        s = (self.head.output_map(self.o) * v).sum()
+        return torch.autograd.grad(s, self.x, retain_graph=True)[0].detach()
+
+    def jvp(self, u: Tensor) -> Tensor:
+        out = self.head.output_map(self.o)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        g = torch.autograd.grad((out * dummy).sum(), self.x, create_graph=True)[0]
+        return torch.autograd.grad(g, dummy, u)[0].detach()
+
+
+def autograd_penalty(model: nn.Module, head: Penalty, x: Tensor) -> Tensor:
+    """Per-sample ``R_b`` (shape ``(B,)``), differentiable in the parameters and in ``x``.
+
+    Per-sample input gradients come from one batched ``autograd.grad`` per direction, which is exact
+    for models whose samples do not interact (no batch statistics in train mode).
+    """
+    with torch.enable_grad():
+        x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+        o = model(x_)
+        head.setup(o.detach(), x_.detach(), AutogradJacobian(head, o, x_))
+        value = head.loss_value(o) if head.has_loss else o.new_zeros(o.shape[0])
+        for i in range(head.num_directions):
+            v = head.directions(i, i + 1)
+            s = head.output_functional(o, v[0]).sum()
+            xi = torch.autograd.grad(s, x_, create_graph=True)[0]
+            value = value + head.value(xi[None], x_)[0]
+    return value

@@ -1,0 +1,94 @@
+"""Functional forms of the penalties: the same maths as the modules, no module state.
+
+Every function returns ``reduce(R_b)`` over samples (``reduction`` "mean" | "sum" | "none"); each ``R_b``
+uses the PER-SAMPLE input gradient of sample ``b``. Its ``.backward()`` delivers the gradients of all the
+model's parameters (and of ``x`` when it requires grad) computed by the explicit passes.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Optional, Union
+
+from torch import Tensor, nn
+
+from . import autograd, backends, fallback
+from .errors import UnsupportedModelError
+from .penalties import (Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient,
+                        Penalty, Relevance, SpectralNorm, check_chunk_size, check_reduction)
+from .program import compile_model
+
+__all__ = ["jacobian_penalty", "output_gradient_penalty", "double_backprop_loss", "spectral_norm_penalty",
+           "relevance_penalty", "alignment_penalty", "gradient_penalty"]
+
+_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class FallbackWarning(UserWarning):
+    """A model could not be compiled; the penalty runs through autograd double backprop."""
+
+
+def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean", chunk_size: Optional[int] = None,
+            backend: str = "auto", strict: bool = False) -> Tensor:
+    """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``."""
+    check_reduction(reduction)
+    check_chunk_size(chunk_size)
+    backends.resolve(backend)
+    try:
+        program = compile_model(model)
+    except UnsupportedModelError as e:
+        if strict:
+            raise
+        if model not in _warned:
+            _warned.add(model)
+            warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
+                          stacklevel=3)
+        return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
+    program.check_input(x)
+    return autograd.evaluate(program, head, x, reduction, chunk_size)
+
+
+def jacobian_penalty(model: nn.Module, x: Tensor, output: str = "logits", estimator: str = "exact",
+                     num_projections: int = 1, chunk_size: Optional[int] = None, reduction: str = "mean",
+                     backend: str = "auto", strict: bool = False) -> Tensor:
+    """``‖J(x_b)‖²_F = Σ_i ‖∇x x_L^i‖²`` per sample (exact: accumulated-eta Algorithm 4, ``chunk_size`` classes
+    per batched pass; "random": ``num_projections`` projections ``√C u``, ``u`` uniform on the sphere)."""
+    return penalty(model, x, JacobianFrobenius(output, estimator, num_projections), reduction, chunk_size,
+                   backend, strict)
+
+
+def output_gradient_penalty(model: nn.Module, x: Tensor, index: Union[int, Tensor], output: str = "logits",
+                            reduction: str = "mean", backend: str = "auto", strict: bool = False) -> Tensor:
+    """``‖∇x x_L^{i_b}‖²`` per sample for output ``index`` (an int or a ``(B,)`` integer tensor)."""
+    return penalty(model, x, OutputGradient(output, index), reduction, None, backend, strict)
+
+
+def double_backprop_loss(model: nn.Module, x: Tensor, y: Tensor, weight: float, loss: str = "cross_entropy",
+                         reduction: str = "mean", backend: str = "auto", strict: bool = False) -> Tensor:
+    """``ℓ_b + weight·‖∇x ℓ_b‖²`` with ``ℓ`` cross-entropy (integer labels ``y``) or ``‖z_L − y‖²`` summed over
+    outputs ("mse", float targets of shape (B, C))."""
+    return penalty(model, x, DoubleBackprop(y, weight, loss), reduction, None, backend, strict)
+
+
+def spectral_norm_penalty(model: nn.Module, x: Tensor, output: str = "logits", power_iterations: int = 1,
+                          reduction: str = "mean", backend: str = "auto", strict: bool = False) -> Tensor:
+    """``‖J(x_b)ᵀ v_b‖`` with ``v_b`` from ``power_iterations`` power iterations (a lower bound on ‖J‖₂)."""
+    return penalty(model, x, SpectralNorm(output, power_iterations), reduction, None, backend, strict)
+
+
+def relevance_penalty(model: nn.Module, x: Tensor, y: Tensor, l1: float = 0.0, l2: float = 0.0,
+                      reduction: str = "mean", backend: str = "auto", strict: bool = False) -> Tensor:
+    """DRR: ``l1‖r‖₁ + l2‖r‖²₂`` with LRP-z relevance ``r = x ⊙ ∇x Ψ^{y}``."""
+    return penalty(model, x, Relevance(y, l1, l2), reduction, None, backend, strict)
+
+
+def alignment_penalty(model: nn.Module, x: Tensor, y: Tensor, reduction: str = "mean", backend: str = "auto",
+                      strict: bool = False) -> Tensor:
+    """``‖x‖²‖∇x Ψ^{y}‖² − ⟨x, ∇x Ψ^{y}⟩²`` (zero iff the saliency map is aligned with the input)."""
+    return penalty(model, x, Alignment(y), reduction, None, backend, strict)
+
+
+def gradient_penalty(model: nn.Module, x: Tensor, center: float = 1.0, reduction: str = "mean",
+                     backend: str = "auto", strict: bool = False) -> Tensor:
+    """WGAN-GP / R1 for a scalar critic: ``(‖∇x D(x_b)‖ − center)²`` (``center=0`` gives R1 up to a factor)."""
+    return penalty(model, x, GradientNorm(center), reduction, None, backend, strict)
