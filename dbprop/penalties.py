@@ -267,12 +267,15 @@ class Alignment(_LabelledLogits):
     """Misalignment ``p = ‖x‖²‖ξ_0‖² − ⟨x, ξ_0⟩²`` (zero iff the saliency map is parallel to ``x``)."""
 
     def value(self, xi, x):
+        x = x.unsqueeze(0)
         return _flat_sum(x * x) * _flat_sum(xi * xi) - _flat_sum(x * xi) ** 2
 
     def q0(self, xi, x):
-        return 2.0 * _bcast(_flat_sum(x * x).expand(xi.shape[:2]), xi) * xi - 2.0 * _bcast(_flat_sum(x * xi), xi) * x
+        x = x.unsqueeze(0)
+        return 2.0 * _bcast(_flat_sum(x * x), xi) * xi - 2.0 * _bcast(_flat_sum(x * xi), xi) * x
 
     def input_grad(self, xi, x):
+        x = x.unsqueeze(0)
         return 2.0 * _bcast(_flat_sum(xi * xi), xi) * x - 2.0 * _bcast(_flat_sum(x * xi), xi) * xi
 
 
