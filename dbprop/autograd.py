@@ -61,7 +61,6 @@ class DoubleBackpropFunction(torch.autograd.Function):
                                          chunk_size=chunk_size, fp=fp).param_grads
                 scale = None
         grads = [None if p is None else (p if scale is None else p * scale) for p in param_grads]
-        ctx.param_grads = ctx.input_grad = ctx.recompute = None
         return (None, input_grad, *grads)
 
 

@@ -1,0 +1,20 @@
+"""Command line: ``python -m dbprop demo [options]`` and ``python -m dbprop info``."""
+import sys
+
+
+def main() -> None:
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command == "demo":
+        from .demo import main as demo_main
+        demo_main(rest)
+    elif command == "info":
+        import dbprop
+        print(f"dbprop {dbprop.__version__}: {dbprop.backend_info()}")
+    else:
+        print("usage: python -m dbprop demo [--epochs N] [--lam L] [--batch-size B] [--seed S]\n"
+              "       python -m dbprop info")
+        sys.exit(0 if command in ("-h", "--help") else 2)
+
+
+if __name__ == "__main__":
+    main()
