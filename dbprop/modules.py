@@ -17,7 +17,7 @@ from . import penalties as P
 
 
 class _PenaltyModule(nn.Module):
-    def __init__(self, model: nn.Module, reduction: str, backend: str, strict: bool) -> None:
+    def __init__(self, model: nn.Module, reduction: str = "mean", backend: str = "auto", strict: bool = False) -> None:
         super().__init__()
         self.model = model
         self.reduction, self.backend, self.strict = P.check_reduction(reduction), backend, strict

@@ -7,7 +7,7 @@ from dbprop.autograd import reduce
 
 
 def grads_of(value, model, x):
-    inputs = [p for p in model.parameters()] + ([x] if x.requires_grad else [])
+    inputs = [p for p in model.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
     return torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
 
 

@@ -1,0 +1,56 @@
+"""DistributedDataParallel (two processes, gloo): a task loss plus a dbprop penalty gives the same gradients
+as one process on the whole batch."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import dbprop  # noqa: E402
+from nets import build, draw_input  # noqa: E402
+
+B = 4
+
+
+def _data():
+    model, shape = build("conv2d")
+    x = draw_input(model, shape, B, seed=5)
+    y = torch.tensor([0, 1, 2, 3])
+    return model, x, y
+
+
+def _loss(model, wrapped, x, y, kind):
+    task = nn.functional.cross_entropy(wrapped(x), y)
+    if kind == "jacobian":
+        return task + 0.3 * dbprop.JacobianPenalty(wrapped, output="softmax", chunk_size=2)(x)
+    return task + 0.3 * dbprop.DoubleBackpropLoss(wrapped, 0.5)(x, y)
+
+
+def _worker(rank, world, init_file, out_file, kind):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, x, y = _data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    half = slice(rank * B // world, (rank + 1) * B // world)
+    _loss(model, ddp, x[half], y[half], kind).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("kind", ["jacobian", "double-backprop"])
+def test_ddp_two_processes_match_single_process(tmp_path, kind):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), kind), nprocs=2, join=True)
+    ddp_grads = torch.load(out)
+    model, x, y = _data()
+    _loss(model, model, x, y, kind).backward()
+    for p, g in zip(model.parameters(), ddp_grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
