@@ -89,8 +89,8 @@ def train(lam: float, epochs: int, batch_size: int, seed: int, data, desc: str) 
 
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dbprop demo", description=__doc__)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lam", type=float, default=0.05, help="weight of the Jacobian penalty in the second run")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lam", type=float, default=0.01, help="weight of the Jacobian penalty in the second run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
