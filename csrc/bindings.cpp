@@ -1,16 +1,38 @@
-// dbprop._C: the native extension. This file is the single pybind11 binding unit; the fused pass
-// drivers (csrc/cpu, csrc/cuda) and the shared element bodies (csrc/kernels) bind here as they land.
-// Until then the Python passes are the only backend (dbprop.native_available() is False).
+// dbprop._C: the one pybind11 binding unit. Exposes the stage program, the four pass drivers, Algorithm 4
+// and (for tests) the element kernels. Import torch before this module.
 #include <torch/extension.h>
+
+#include "algorithm4.h"
+#include "elementwise.h"
+#include "program.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+namespace py = pybind11;
+using dbprop::ForwardState;
+using dbprop::Program;
+using OptTensor = c10::optional<at::Tensor>;
+
 namespace {
 
-pybind11::dict build_info() {
-  pybind11::dict info;
+std::vector<at::Tensor> from_optional(const std::vector<OptTensor>& v) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : v) out.push_back(t.has_value() ? *t : at::Tensor());
+  return out;
+}
+
+std::vector<OptTensor> to_optional(const std::vector<at::Tensor>& v) {
+  std::vector<OptTensor> out;
+  for (const auto& t : v) out.push_back(t.defined() ? OptTensor(t) : c10::nullopt);
+  return out;
+}
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
+py::dict build_info() {
+  py::dict info;
 #ifdef _OPENMP
   info["openmp"] = true;
   info["openmp_max_threads"] = omp_get_max_threads();
@@ -19,15 +41,82 @@ pybind11::dict build_info() {
 #endif
 #ifdef WITH_CUDA
   info["cuda"] = true;
+#ifdef DBPROP_CUDA_ARCHS
+  info["cuda_archs"] = DBPROP_CUDA_ARCHS;
+#endif
 #else
   info["cuda"] = false;
 #endif
+  info["dtypes"] = py::make_tuple("float32", "float64", "float16", "bfloat16");
   return info;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dbprop native extension (build skeleton: no pass drivers yet)";
+  m.doc() = "dbprop native extension: fused double-backpropagation passes";
   m.def("build_info", &build_info, "What this extension was compiled with.");
+
+  py::class_<Program, std::shared_ptr<Program>>(m, "Program")
+      .def(py::init<const std::vector<dbprop::OpDescriptor>&, std::vector<at::Tensor>,
+                    const std::vector<OptTensor>&>(),
+           py::arg("descriptors"), py::arg("weights"), py::arg("biases"));
+  py::class_<ForwardState, std::shared_ptr<ForwardState>>(m, "ForwardState")
+      .def_readonly("output", &ForwardState::output)
+      .def_readonly("numel_per_sample", &ForwardState::numel_per_sample);
+
+  m.def("forward", &dbprop::forward, py::arg("program"), py::arg("x"), py::arg("keep_inputs"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", [](const Program& p, const ForwardState& s, const at::Tensor& zeta_L, bool keep) {
+    py::gil_scoped_release release;
+    auto [xi, zetas] = dbprop::backward(p, s, zeta_L, keep);
+    return std::make_tuple(xi, to_optional(zetas));
+  });
+  m.def("backward_backward", [](const Program& p, const ForwardState& s, const at::Tensor& q0,
+                                const std::vector<OptTensor>& zetas, const std::vector<OptTensor>& theta_hat,
+                                const std::vector<bool>& want_weight, bool need_h) {
+    py::gil_scoped_release release;
+    auto z = from_optional(zetas);
+    auto th = from_optional(theta_hat);
+    at::Tensor h = dbprop::backward_backward(p, s, q0, z, th, want_weight, need_h);
+    return std::make_tuple(opt(h), to_optional(th));
+  });
+  m.def("forward_backward", [](const Program& p, const ForwardState& s, const at::Tensor& eta_L,
+                               const std::vector<OptTensor>& grad_w, const std::vector<OptTensor>& grad_b,
+                               const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
+                               bool need_input_grad) {
+    py::gil_scoped_release release;
+    auto gw = from_optional(grad_w);
+    auto gb = from_optional(grad_b);
+    at::Tensor gamma0 = dbprop::forward_backward(p, s, eta_L, gw, gb, want_weight, want_bias, need_input_grad);
+    return std::make_tuple(opt(gamma0), to_optional(gw), to_optional(gb));
+  });
+  m.def("jacobian_penalty", [](const Program& p, const at::Tensor& x, bool softmax, int64_t chunk,
+                               int64_t chunk_budget_bytes, const OptTensor& directions, double scale, const at::Tensor& sample_weight,
+                               const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
+                               bool need_input_grad) {
+    py::gil_scoped_release release;
+    auto r = dbprop::jacobian_penalty(p, x, softmax, chunk, chunk_budget_bytes, directions.value_or(at::Tensor()),
+                                      scale, sample_weight,
+                                      want_weight, want_bias, need_input_grad);
+    return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x));
+  }, "Algorithm 4: (values, weight grads, bias grads, input grad) of the Jacobian penalty.");
+
+  // element kernels (tests and the Python engine)
+  m.def("forward_epilogue", [](const at::Tensor& z, const OptTensor& bias, int64_t channels, int64_t inner,
+                               double slope) {
+    return dbprop::forward_epilogue(z, bias.value_or(at::Tensor()), channels, inner, slope);
+  });
+  m.def("mask_multiply", &dbprop::mask_multiply);
+  m.def("mask_multiply_bias_grad", &dbprop::mask_multiply_bias_grad);
+  m.def("softmax_cotangent", &dbprop::softmax_cotangent);
+  m.def("softmax_eta_accumulate", [](const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor eta) {
+    dbprop::softmax_eta_accumulate(x, v, h, eta);
+    return eta;
+  });
+  m.def("squared_norm_head", [](const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor value,
+                                bool want_q0) {
+    at::Tensor q0 = dbprop::squared_norm_head(xi, scale, weight, value, want_q0);
+    return std::make_tuple(value, opt(q0));
+  });
 }

@@ -31,17 +31,18 @@ class DoubleBackpropFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, x: Tensor, *params: Tensor) -> Tensor:
-        program, head, reduction, chunk_size = spec
+        program, head, reduction, chunk_size, backend = spec
         B = x.shape[0]
         need_x = ctx.needs_input_grad[1]
         need_params = any(ctx.needs_input_grad[2:])
         weight = 1.0 / B if reduction == "mean" else 1.0
+        keep_fp = reduction == "none" and need_params  # for an exact recompute with non-uniform weights
         result = engine.run(program, head, x, sample_weight=weight, need_param_grads=need_params,
-                            need_input_grad=need_x, chunk_size=chunk_size)
+                            need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend)
         ctx.reduction = reduction
         ctx.param_grads = result.param_grads or [None] * len(params)
         ctx.input_grad = result.input_grad
-        ctx.recompute = (program, head, x, chunk_size, result.fp) if reduction == "none" and need_params else None
+        ctx.recompute = (program, head, x, chunk_size, result.fp, backend) if keep_fp else None
         return reduce(result.value, reduction)
 
     @staticmethod
@@ -56,17 +57,18 @@ class DoubleBackpropFunction(torch.autograd.Function):
             input_grad = None if ctx.input_grad is None else ctx.input_grad * g.view(-1, *([1] * (ctx.input_grad.dim() - 1)))
             scale = g[0]
             if ctx.recompute is not None and not bool((g == g[0]).all()):
-                program, head, x, chunk_size, fp = ctx.recompute
+                program, head, x, chunk_size, fp, backend = ctx.recompute
                 param_grads = engine.run(program, head, x, sample_weight=g, need_param_grads=True,
-                                         chunk_size=chunk_size, fp=fp).param_grads
+                                         chunk_size=chunk_size, fp=fp, backend=backend).param_grads
                 scale = None
         grads = [None if p is None else (p if scale is None else p * scale) for p in param_grads]
         return (None, input_grad, *grads)
 
 
-def evaluate(program: Program, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
+def evaluate(program: Program, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int],
+             backend: str = "python") -> Tensor:
     """The penalty through the passes: a plain value when no gradient is wanted, else via the Function."""
     params = program.parameters()
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return DoubleBackpropFunction.apply((program, head, reduction, chunk_size), x, *params)
-    return reduce(engine.run(program, head, x, chunk_size=chunk_size).value, reduction)
+        return DoubleBackpropFunction.apply((program, head, reduction, chunk_size, backend), x, *params)
+    return reduce(engine.run(program, head, x, chunk_size=chunk_size, backend=backend).value, reduction)

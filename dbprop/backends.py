@@ -17,7 +17,13 @@ except ImportError as e:  # no compiler at install time, or not built yet
 
 def native_available() -> bool:
     """Whether the compiled extension is importable and implements the passes."""
-    return _native is not None and hasattr(_native, "penalty_forward")
+    return _native is not None and hasattr(_native, "jacobian_penalty")
+
+
+def native_module():
+    """The compiled extension (raises if it is not available)."""
+    resolve("native")
+    return _native
 
 
 def backend_info() -> Dict[str, Any]:

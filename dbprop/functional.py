@@ -33,7 +33,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``."""
     check_reduction(reduction)
     check_chunk_size(chunk_size)
-    backends.resolve(backend)
+    backend = backends.resolve(backend)
     try:
         program = compile_model(model)
     except UnsupportedModelError as e:
@@ -45,7 +45,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
                           stacklevel=3)
         return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
     program.check_input(x)
-    return autograd.evaluate(program, head, x, reduction, chunk_size)
+    return autograd.evaluate(program, head, x, reduction, chunk_size, backend)
 
 
 def jacobian_penalty(model: nn.Module, x: Tensor, output: str = "logits", estimator: str = "exact",

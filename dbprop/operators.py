@@ -50,6 +50,10 @@ class Op:
         """The transpose applied to a cotangent (``Kᵀ c``, ``Rᵀ c`` or ``a ⊙ c``)."""
         raise NotImplementedError
 
+    def descriptor(self) -> Tuple[int, List[int], List[float]]:
+        """``(kind, ints, floats)`` describing the op to the native extension (csrc/program.h)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -117,6 +121,9 @@ class Linear(Affine):
 
     def in_features(self) -> int:
         return self.module.in_features
+
+    def descriptor(self):
+        return (0, [], [])
 
 
 class Conv(Affine):
@@ -190,6 +197,10 @@ class Conv(Affine):
     def in_features(self) -> int:
         return self.module.in_channels
 
+    def descriptor(self):
+        pad = self.explicit_pad or []
+        return (1, [self.dim, *self.stride, *self.padding, *self.dilation, self.groups, int(bool(pad)), *pad], [])
+
 
 # ---------------------------------------------------------------------------------------------- routing
 class Routing(Op):
@@ -199,6 +210,9 @@ class Routing(Op):
 
 
 class Identity(Routing):
+    def descriptor(self):
+        return (7, [], [])
+
     def forward(self, x, keep_input):
         return x, None
 
@@ -210,6 +224,9 @@ class Identity(Routing):
 
 
 class Flatten(Routing):
+    def descriptor(self):
+        return (5, [self.module.start_dim, self.module.end_dim], [])
+
     def forward(self, x, keep_input):
         return self.module(x), x.shape[1:]
 
@@ -222,6 +239,10 @@ class Flatten(Routing):
 
 class Dropout(Routing):
     """Dropout with its mask drawn once in the forward pass and reused in every other pass (eval: identity)."""
+
+    def descriptor(self):
+        m = self.module
+        return (7, [], []) if not m.training or m.p == 0.0 else (6, [], [float(m.p)])
 
     def forward(self, x, keep_input):
         m = self.module
@@ -245,6 +266,16 @@ class MaxPool(Routing):
     def __init__(self, module, name):
         super().__init__(module, name)
         self.pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+
+    def descriptor(self):
+        m = self.module
+        two = (lambda v: [1, v[0]] if isinstance(v, (tuple, list)) else [1, v]) if self.pool is F.max_pool1d else \
+            (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
+        stride = m.stride if m.stride is not None else m.kernel_size
+        padding = [0, *(m.padding if isinstance(m.padding, (tuple, list)) else [m.padding])] \
+            if self.pool is F.max_pool1d else two(m.padding)
+        return (3, [int(self.pool is F.max_pool1d), *two(m.kernel_size), *two(stride), *padding, *two(m.dilation),
+                    int(m.ceil_mode)], [])
 
     def forward(self, x, keep_input):
         m = self.module
@@ -279,6 +310,11 @@ class AvgPool(Routing):
         self.padding = [0, m.padding[0]] if self.one_d else as2(m.padding)
         self.divisor = None if self.one_d else m.divisor_override
 
+    def descriptor(self):
+        m = self.module
+        return (4, [int(self.one_d), *self.kernel, *self.stride, *self.padding, int(m.ceil_mode),
+                    int(m.count_include_pad), int(self.divisor is not None), self.divisor or 0], [])
+
     def _as2d(self, t: Tensor) -> Tensor:
         return t.unsqueeze(2) if self.one_d else t
 
@@ -309,6 +345,9 @@ class Activation(Op):
     def __init__(self, module: nn.Module, name: str) -> None:
         super().__init__(module, name)
         self.slope = float(module.negative_slope) if isinstance(module, nn.LeakyReLU) else 0.0
+
+    def descriptor(self):
+        return (2, [], [self.slope])
 
     def forward(self, z, keep_input):
         x = F.relu(z) if self.slope == 0.0 else F.leaky_relu(z, self.slope)

@@ -48,6 +48,20 @@ class ParamGrads:
             if g is not None:
                 self.acc[i][k] = g if self.acc[i][k] is None else self.acc[i][k].add_(g)
 
+    def per_affine(self):
+        """``(want_weight, want_bias, weight accumulators, bias accumulators)``, one entry per affine op."""
+        idx = self.program.affine_indices
+        want = [self.wanted.get(i, (False, False)) for i in idx]
+        acc = [self.acc.get(i, [None, None]) for i in idx]
+        return [w for w, _ in want], [b for _, b in want], [a[0] for a in acc], [a[1] for a in acc]
+
+    def set_per_affine(self, weights: List[Optional[Tensor]], biases: Optional[List[Optional[Tensor]]] = None) -> None:
+        for n, i in enumerate(self.program.affine_indices):
+            if i in self.acc:
+                self.acc[i][0] = weights[n]
+                if biases is not None:
+                    self.acc[i][1] = biases[n]
+
     def as_list(self) -> List[Optional[Tensor]]:
         """Gradients aligned with ``program.parameters()``: ``None`` where not wanted, zeros where wanted but
         never reached (bias gradients when ``η ≡ 0``: they are exactly zero)."""

@@ -33,6 +33,7 @@ class Program:
     def __init__(self, model: nn.Module, op_list: List[ops.Op]) -> None:
         self.model = model
         self.ops = op_list
+        self._native = None  # the dbprop._C.Program, built on first use (holds the live tensors)
         self.affine_indices = [i for i, op in enumerate(op_list) if isinstance(op, ops.Affine)]
         if not self.affine_indices:
             raise UnsupportedModelError(
@@ -49,6 +50,15 @@ class Program:
     def parameters(self) -> List[Tensor]:
         """Weights and biases of the affine ops, in program order (the autograd Function's inputs)."""
         return [p for i in self.affine_indices for p in self.ops[i].parameters()]
+
+    def native(self):
+        """The program as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors)."""
+        if self._native is None:
+            from .backends import native_module
+            affine = [self.ops[i] for i in self.affine_indices]
+            self._native = native_module().Program([op.descriptor() for op in self.ops], [op.weight for op in affine],
+                                                   [op.bias for op in affine])
+        return self._native
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` cannot be fed to the program."""

@@ -1,0 +1,72 @@
+// Algorithm 4 (DESIGN.md §4) as one native call: exact Jacobian penalty (directions e_i) or its random
+// projection estimate (given directions), logits or softmax output, classes in chunks of `chunk`.
+#include "algorithm4.h"
+
+#include "elementwise.h"
+
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+namespace dbprop {
+
+JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax, int64_t chunk,
+                                int64_t chunk_budget_bytes, const at::Tensor& directions, double scale,
+                                const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
+                                const std::vector<bool>& want_bias, bool need_input_grad) {
+  TORCH_CHECK(chunk >= 0, "chunk_size must be >= 1 (or 0 for automatic), got ", chunk);
+  const size_t L = p.weights.size();
+  TORCH_CHECK(want_weight.size() == L && want_bias.size() == L, "want_weight/want_bias need ", L, " entries");
+  bool want_params = false;
+  for (size_t j = 0; j < L; ++j) want_params = want_params || want_weight[j] || want_bias[j];
+  const bool need_any = want_params || need_input_grad;
+  const bool fbp = need_any && softmax;  // η ≡ 0 for logits: no forward-backward pass at all
+
+  auto s = forward(p, x, fbp && want_params);
+  const at::Tensor& o = s->output;
+  TORCH_CHECK(o.dim() == 2, "the model output must have shape (batch, classes), got ", o.sizes());
+  const int64_t B = o.size(0), C = o.size(1);
+  const auto acc = at::toOpMathType(o.scalar_type());
+  TORCH_CHECK(sample_weight.dim() == 1 && sample_weight.size(0) == B && sample_weight.device() == o.device(), "sample_weight must have shape (", B,
+              ",), got ", sample_weight.sizes());
+  if (directions.defined())
+    TORCH_CHECK(directions.dim() == 3 && directions.size(1) == B && directions.size(2) == C &&
+                    directions.scalar_type() == o.scalar_type() && directions.device() == o.device(),
+                "directions must be (n, ", B, ", ", C, ") ", o.scalar_type(), " on ", o.device(), "; got ",
+                directions.sizes(), " ", directions.scalar_type());
+  const at::Tensor probs = softmax ? at::softmax(o, 1).contiguous() : at::Tensor();
+  const at::Tensor eye = directions.defined() ? at::Tensor() : at::eye(C, o.options());
+  const int64_t n = directions.defined() ? directions.size(0) : C;
+  if (chunk == 0) {  // as many directions as fit the budget (dbprop.engine.default_chunk_size)
+    const int64_t per_direction = std::max<int64_t>(1, 2 * B * s->numel_per_sample * o.element_size());
+    chunk = std::max<int64_t>(1, std::min<int64_t>(n, chunk_budget_bytes / per_direction));
+  }
+
+  JacobianResult r;
+  r.value = at::zeros({B}, o.options().dtype(acc));
+  at::Tensor eta = fbp ? at::zeros({B, C}, o.options().dtype(acc)) : at::Tensor();
+  r.grad_w.resize(L);
+  r.grad_b.resize(L);
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t k = std::min(chunk, n - start);
+    at::Tensor v = directions.defined() ? directions.narrow(0, start, k).contiguous()
+                                        : eye.narrow(0, start, k).unsqueeze(1).expand({k, B, C}).contiguous();
+    at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
+    auto [xi, zetas] = backward(p, *s, zeta_L.reshape({k * B, C}), want_params);
+    at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
+    at::Tensor q0 = squared_norm_head(xi3, scale, sample_weight, r.value, need_any);
+    if (!need_any || !(want_params || softmax)) continue;
+    at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
+    if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)
+  }
+  if (fbp) r.grad_x = forward_backward(p, *s, eta.to(o.scalar_type()), r.grad_w, r.grad_b, want_weight, want_bias,
+                                       need_input_grad);
+  for (size_t j = 0; j < L; ++j) {  // wanted but never reached: exactly zero (bias gradients of logits)
+    if (want_weight[j] && !r.grad_w[j].defined()) r.grad_w[j] = at::zeros_like(p.weights[j]);
+    if (want_bias[j] && p.biases[j].defined() && !r.grad_b[j].defined()) r.grad_b[j] = at::zeros_like(p.biases[j]);
+  }
+  if (need_input_grad && !r.grad_x.defined()) r.grad_x = at::zeros_like(x);
+  r.value = r.value.to(o.scalar_type());
+  return r;
+}
+
+}  // namespace dbprop

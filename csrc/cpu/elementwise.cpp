@@ -1,0 +1,144 @@
+// CPU launchers of the element bodies: at::parallel_for over bytes, elements, channels or rows.
+#include "../elementwise.h"
+#include "../kernels/elementwise.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace dbprop {
+namespace cpu {
+namespace {
+constexpr int64_t kGrain = 2048;
+}
+
+#define DBPROP_FLOATING_TYPES(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, t, name, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
+                                                    int64_t inner, double slope) {
+  const int64_t n = z.numel();
+  at::Tensor x = at::empty_like(z);
+  at::Tensor bits = at::empty({kernels::packed_bytes(n)}, z.options().dtype(at::kByte));
+  at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  DBPROP_FLOATING_TYPES(z.scalar_type(), "forward_epilogue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* bitsp = bits.data_ptr<uint8_t>();
+    at::parallel_for(0, bits.numel(), kGrain / 8, [&](int64_t lo, int64_t hi) {
+      for (int64_t byte = lo; byte < hi; ++byte)
+        kernels::forward_epilogue_byte<scalar_t, acc_t>(zp, bp, xp, bitsp, n, channels, inner,
+                                                        static_cast<acc_t>(slope), byte);
+    });
+  });
+  return {x, bits};
+}
+
+at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope) {
+  at::Tensor out = at::empty_like(c);
+  DBPROP_FLOATING_TYPES(c.scalar_type(), "mask_multiply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const uint8_t* bp = bits.data_ptr<uint8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, c.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e)
+        op[e] = kernels::mask_multiply<scalar_t, acc_t>(cp, bp, mask_numel, static_cast<acc_t>(slope), e);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, const at::Tensor& bits,
+                                                           int64_t mask_numel, double slope, int64_t channels,
+                                                           int64_t inner) {
+  at::Tensor out = at::empty_like(c);
+  at::Tensor db = at::empty({channels}, c.options());
+  const int64_t rows = c.numel() / (channels * inner);
+  DBPROP_FLOATING_TYPES(c.scalar_type(), "mask_multiply_bias_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const uint8_t* bp = bits.data_ptr<uint8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* dbp = db.data_ptr<scalar_t>();
+    at::parallel_for(0, channels, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        acc_t total = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t base = (r * channels + ch) * inner;
+          for (int64_t s = 0; s < inner; ++s) {
+            const scalar_t v = kernels::mask_multiply<scalar_t, acc_t>(cp, bp, mask_numel,
+                                                                       static_cast<acc_t>(slope), base + s);
+            op[base + s] = v;
+            total += static_cast<acc_t>(v);
+          }
+        }
+        dbp[ch] = static_cast<scalar_t>(total);
+      }
+    });
+  });
+  return {out, db};
+}
+
+at::Tensor softmax_cotangent(const at::Tensor& x, const at::Tensor& v) {
+  const int64_t rows = v.size(0) * v.size(1), B = x.size(0), C = x.size(1);
+  at::Tensor zeta = at::empty_like(v);
+  DBPROP_FLOATING_TYPES(x.scalar_type(), "softmax_cotangent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* zp = zeta.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r)
+        kernels::softmax_cotangent<scalar_t, acc_t>(xp + (r % B) * C, vp + r * C, zp + r * C, C);
+    });
+  });
+  return zeta;
+}
+
+void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor& eta) {
+  const int64_t k = v.size(0), B = x.size(0), C = x.size(1);
+  DBPROP_FLOATING_TYPES(x.scalar_type(), "softmax_eta_accumulate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    acc_t* ep = eta.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t i = 0; i < k; ++i)  // one sample per task: no write conflicts on eta
+          kernels::softmax_eta_accumulate<scalar_t, acc_t>(xp + b * C, vp + (i * B + b) * C, hp + (i * B + b) * C,
+                                                           ep + b * C, C);
+    });
+  });
+}
+
+at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
+                             bool want_q0) {
+  const int64_t k = xi.size(0), B = xi.size(1), n = xi.numel() / (k * B);
+  at::Tensor q0 = want_q0 ? at::empty_like(xi) : at::Tensor();
+  DBPROP_FLOATING_TYPES(xi.scalar_type(), "squared_norm_head", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const scalar_t* xp = xi.data_ptr<scalar_t>();
+    scalar_t* qp = want_q0 ? q0.data_ptr<scalar_t>() : nullptr;
+    acc_t* vp = value.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t row = (i * B + b) * n;
+          vp[b] += kernels::squared_norm_head_row<scalar_t, acc_t>(xp + row, qp ? qp + row : nullptr, n,
+                                                                   static_cast<acc_t>(scale), wp[b]);
+        }
+    });
+  });
+  return q0;
+}
+
+}  // namespace cpu
+}  // namespace dbprop

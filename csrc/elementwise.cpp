@@ -1,0 +1,107 @@
+// Argument checks (TORCH_CHECK, naming the argument) and device dispatch of the element kernels.
+#include "elementwise.h"
+
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+namespace dbprop {
+namespace {
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_bits(const at::Tensor& bits, const at::Tensor& c, int64_t mask_numel) {
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous(), "bits must be a contiguous uint8 tensor");
+  TORCH_CHECK(bits.device() == c.device(), "bits is on ", bits.device(), " but the cotangent is on ", c.device());
+  TORCH_CHECK(mask_numel > 0, "mask_numel must be positive (empty batches are rejected), got ", mask_numel);
+  TORCH_CHECK(bits.numel() == (mask_numel + 7) / 8, "bits holds ", bits.numel(), " bytes but mask_numel=",
+              mask_numel, " needs ", (mask_numel + 7) / 8);
+  TORCH_CHECK(c.numel() % mask_numel == 0, "cotangent of ", c.numel(),
+              " elements is not a whole number of copies of the mask (", mask_numel, " elements)");
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* na, const char* nb) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), na, " is ", a.scalar_type(), " but ", nb, " is ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), na, " is on ", a.device(), " but ", nb, " is on ", b.device());
+}
+
+}  // namespace
+
+#ifdef WITH_CUDA
+#define DBPROP_DISPATCH(t, fn, ...) return (t).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__)
+#else
+#define DBPROP_DISPATCH(t, fn, ...)                                                       \
+  TORCH_CHECK(!(t).is_cuda(), "dbprop._C was built without CUDA; got a CUDA tensor"); \
+  return cpu::fn(__VA_ARGS__)
+#endif
+
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
+                                                    int64_t inner, double slope) {
+  check_float(z, "z");
+  TORCH_CHECK(z.numel() > 0, "z is empty (empty batches are rejected)");
+  if (bias.defined()) {
+    check_float(bias, "bias");
+    check_same(z, bias, "z", "bias");
+    TORCH_CHECK(bias.numel() == channels, "bias has ", bias.numel(), " elements, expected ", channels);
+  }
+  TORCH_CHECK(channels > 0 && inner > 0 && z.numel() % (channels * inner) == 0,
+              "z of ", z.numel(), " elements does not split into channels=", channels, " x inner=", inner);
+  DBPROP_DISPATCH(z, forward_epilogue, z, bias, channels, inner, slope);
+}
+
+at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope) {
+  check_float(c, "cotangent");
+  check_bits(bits, c, mask_numel);
+  DBPROP_DISPATCH(c, mask_multiply, c, bits, mask_numel, slope);
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, const at::Tensor& bits,
+                                                           int64_t mask_numel, double slope, int64_t channels,
+                                                           int64_t inner) {
+  check_float(c, "cotangent");
+  check_bits(bits, c, mask_numel);
+  TORCH_CHECK(channels > 0 && inner > 0 && c.numel() % (channels * inner) == 0,
+              "cotangent does not split into channels=", channels, " x inner=", inner);
+  DBPROP_DISPATCH(c, mask_multiply_bias_grad, c, bits, mask_numel, slope, channels, inner);
+}
+
+at::Tensor softmax_cotangent(const at::Tensor& x, const at::Tensor& v) {
+  check_float(x, "probs");
+  check_float(v, "directions");
+  check_same(x, v, "probs", "directions");
+  TORCH_CHECK(x.dim() == 2 && v.dim() == 3 && v.size(1) == x.size(0) && v.size(2) == x.size(1),
+              "directions must have shape (k, B, C) matching probs (B, C); got ", v.sizes(), " and ", x.sizes());
+  DBPROP_DISPATCH(x, softmax_cotangent, x, v);
+}
+
+void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor& eta) {
+  check_float(x, "probs");
+  check_float(v, "directions");
+  check_float(h, "h_L");
+  check_float(eta, "eta");
+  check_same(x, v, "probs", "directions");
+  check_same(x, h, "probs", "h_L");
+  TORCH_CHECK(v.sizes() == h.sizes(), "directions ", v.sizes(), " and h_L ", h.sizes(), " differ in shape");
+  TORCH_CHECK(eta.sizes() == x.sizes(), "eta must have the shape of probs ", x.sizes(), ", got ", eta.sizes());
+  TORCH_CHECK(eta.scalar_type() == at::toOpMathType(x.scalar_type()), "eta must be ",
+              at::toOpMathType(x.scalar_type()), ", got ", eta.scalar_type());
+  DBPROP_DISPATCH(x, softmax_eta_accumulate, x, v, h, eta);
+}
+
+at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
+                             bool want_q0) {
+  check_float(xi, "xi");
+  TORCH_CHECK(xi.dim() >= 3, "xi must have shape (k, B, ...), got ", xi.sizes());
+  check_float(weight, "sample_weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == xi.size(1), "sample_weight must have shape (",
+              xi.size(1), ",), got ", weight.sizes());
+  TORCH_CHECK(value.scalar_type() == at::toOpMathType(xi.scalar_type()) && value.dim() == 1 &&
+                  value.size(0) == xi.size(1) && value.is_contiguous(),
+              "value must be a contiguous (", xi.size(1), ",) tensor of ", at::toOpMathType(xi.scalar_type()));
+  DBPROP_DISPATCH(xi, squared_norm_head, xi, scale, weight, value, want_q0);
+}
+
+}  // namespace dbprop

@@ -1,0 +1,56 @@
+// Element kernels of the passes, dispatched by device to the CPU (csrc/cpu) or CUDA (csrc/cuda) launchers.
+// The element math lives once, in csrc/kernels/elementwise.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace dbprop {
+
+// x = g(z + b) and the packed bits of a = [z + b > 0]; `bias` (per channel, may be undefined),
+// `channels`/`inner` as in kernels::forward_epilogue_byte. z must be contiguous.
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
+                                                    int64_t inner, double slope);
+
+// a ⊙ c, c holding k stacked copies of the mask's batch (mask_numel elements each).
+at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope);
+
+// (a ⊙ c, Σ_{rows, inner} a ⊙ c per channel): η_j and ∇b_j in one pass.
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, const at::Tensor& bits,
+                                                           int64_t mask_numel, double slope, int64_t channels,
+                                                           int64_t inner);
+
+// ζ_L = S v for k directions: x (B, C) probabilities, v (k, B, C) -> (k, B, C).
+at::Tensor softmax_cotangent(const at::Tensor& x, const at::Tensor& v);
+
+// eta (B, C, accumulation dtype) += Σ_k (3.15)(x, v_k, h_k).
+void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor& eta);
+
+// Squared-norm head: value (B,) += s Σ_k ‖ξ_k‖², and q_0 = 2 s w ξ (if want_q0); xi (k, B, N), w (B,).
+at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
+                             bool want_q0);
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                           int64_t, int64_t);
+at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
+void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
+at::Tensor squared_norm_head(const at::Tensor&, double, const at::Tensor&, at::Tensor&, bool);
+}  // namespace cpu
+
+#ifdef WITH_CUDA
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                           int64_t, int64_t);
+at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
+void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
+at::Tensor squared_norm_head(const at::Tensor&, double, const at::Tensor&, at::Tensor&, bool);
+}  // namespace cuda
+#endif
+
+}  // namespace dbprop

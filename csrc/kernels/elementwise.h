@@ -1,0 +1,95 @@
+// Element bodies shared by the CPU launchers (at::parallel_for) and the CUDA launchers (grid-stride
+// __global__ kernels): one body, two launchers. Each body computes one output element (or one byte of
+// packed mask bits) from plain pointers; `acc_t` is the accumulation type (float for half/bfloat16).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DBPROP_HD __host__ __device__ __forceinline__
+#else
+#define DBPROP_HD inline
+#endif
+
+namespace dbprop {
+namespace kernels {
+
+// Number of bytes holding the derivative bits of n elements (1 bit per element, DESIGN.md §1).
+DBPROP_HD int64_t packed_bytes(int64_t n) { return (n + 7) / 8; }
+
+// a = g'(z) ∈ {slope, 1} read from packed bits: bit e of the per-sample-batch mask.
+DBPROP_HD bool mask_bit(const uint8_t* bits, int64_t e) { return (bits[e >> 3] >> (e & 7)) & 1; }
+
+// Forward epilogue for the 8 elements of byte `byte`: z_j = K x + b (b per channel), x_j = g(z_j),
+// and the bits of a_j = [z_j > 0]. `channels`/`inner` locate the bias channel of element e:
+// c = (e / inner) % channels (inner = spatial size for conv, 1 for linear). `bias` may be null.
+template <typename scalar_t, typename acc_t>
+DBPROP_HD void forward_epilogue_byte(const scalar_t* z, const scalar_t* bias, scalar_t* x, uint8_t* bits,
+                                     int64_t n, int64_t channels, int64_t inner, acc_t slope, int64_t byte) {
+  uint8_t packed = 0;
+  const int64_t first = byte * 8;
+  for (int k = 0; k < 8; ++k) {
+    const int64_t e = first + k;
+    if (e >= n) break;
+    acc_t v = static_cast<acc_t>(z[e]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[(e / inner) % channels]);
+    const bool on = v > acc_t(0);
+    packed |= static_cast<uint8_t>(on) << k;
+    x[e] = static_cast<scalar_t>(on ? v : v * slope);
+  }
+  bits[byte] = packed;
+}
+
+// ζ = a ⊙ ξ (backward), q = a ⊙ h (backward-backward), η = a ⊙ γ (forward-backward), for element e of a
+// tensor whose rows are k stacked copies of the batch: the mask index is e mod mask_numel.
+template <typename scalar_t, typename acc_t>
+DBPROP_HD scalar_t mask_multiply(const scalar_t* c, const uint8_t* bits, int64_t mask_numel, acc_t slope,
+                                 int64_t e) {
+  const acc_t v = static_cast<acc_t>(c[e]);
+  return static_cast<scalar_t>(mask_bit(bits, e % mask_numel) ? v : v * slope);
+}
+
+// Softmax output terms for one sample and one direction (DESIGN.md §3), x = softmax(z_L), C classes:
+//   ζ_L = S v = x ⊙ v − ⟨x, v⟩ x                                    (zeta, length C)
+// and, given the tangent h = h_L of that direction, (3.15) added into eta (length C):
+//   η_L += x⊙v⊙h − ⟨x,v⟩ x⊙h − ⟨x,h⟩ x⊙v − ⟨x,v⊙h⟩ x + 2⟨x,v⟩⟨x,h⟩ x
+template <typename scalar_t, typename acc_t>
+DBPROP_HD void softmax_cotangent(const scalar_t* x, const scalar_t* v, scalar_t* zeta, int64_t C) {
+  acc_t xv = 0;
+  for (int64_t i = 0; i < C; ++i) xv += static_cast<acc_t>(x[i]) * static_cast<acc_t>(v[i]);
+  for (int64_t i = 0; i < C; ++i)
+    zeta[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * (static_cast<acc_t>(v[i]) - xv));
+}
+
+template <typename scalar_t, typename acc_t>
+DBPROP_HD void softmax_eta_accumulate(const scalar_t* x, const scalar_t* v, const scalar_t* h, acc_t* eta,
+                                      int64_t C) {
+  acc_t xv = 0, xh = 0, xvh = 0;
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t xi = x[i], vi = v[i], hi = h[i];
+    xv += xi * vi;
+    xh += xi * hi;
+    xvh += xi * vi * hi;
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t xi = x[i], vi = v[i], hi = h[i];
+    eta[i] += xi * vi * hi - xv * xi * hi - xh * xi * vi - xvh * xi + acc_t(2) * xv * xh * xi;
+  }
+}
+
+// Squared-norm head for one row (one direction of one sample, n input features):
+// p = s‖ξ‖² returned, q_0 = 2 s w ξ written (w the sample's weight), DESIGN.md §3.
+template <typename scalar_t, typename acc_t>
+DBPROP_HD acc_t squared_norm_head_row(const scalar_t* xi, scalar_t* q0, int64_t n, acc_t scale, acc_t weight) {
+  acc_t total = 0;
+  const acc_t factor = acc_t(2) * scale * weight;
+  for (int64_t e = 0; e < n; ++e) {
+    const acc_t v = static_cast<acc_t>(xi[e]);
+    total += v * v;
+    if (q0 != nullptr) q0[e] = static_cast<scalar_t>(factor * v);
+  }
+  return scale * total;
+}
+
+}  // namespace kernels
+}  // namespace dbprop

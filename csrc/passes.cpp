@@ -1,0 +1,356 @@
+// The four passes over a stage program (DESIGN.md §2), each one native call over all ops.
+// Mirrors dbprop/passes.py and dbprop/operators.py (the readable reference) op for op.
+#include "program.h"
+
+#include "elementwise.h"
+
+#include <c10/util/Exception.h>
+
+#include <numeric>
+
+namespace dbprop {
+namespace {
+
+std::vector<int64_t> slice(const std::vector<int64_t>& v, size_t start, size_t n) {
+  return std::vector<int64_t>(v.begin() + start, v.begin() + start + n);
+}
+
+int64_t prod(at::IntArrayRef v, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < v.size(); ++i) p *= v[i];
+  return p;
+}
+
+// ---- convolution: ints = [dim, stride(dim), padding(dim), dilation(dim), groups, explicit, pad(2·dim)?]
+struct ConvArgs {
+  int64_t dim, groups;
+  std::vector<int64_t> stride, padding, dilation, pad;  // pad: F.pad order (last dim first), may be empty
+  explicit ConvArgs(const Op& op) {
+    const auto& v = op.ints;
+    dim = v[0];
+    stride = slice(v, 1, dim);
+    padding = slice(v, 1 + dim, dim);
+    dilation = slice(v, 1 + 2 * dim, dim);
+    groups = v[1 + 3 * dim];
+    if (v[2 + 3 * dim]) pad = slice(v, 3 + 3 * dim, 2 * dim);
+  }
+  std::vector<int64_t> zeros() const { return std::vector<int64_t>(dim, 0); }
+  at::Tensor padded(const at::Tensor& x) const { return pad.empty() ? x : at::constant_pad_nd(x, pad, 0); }
+};
+
+at::Tensor conv(const Op& op, const at::Tensor& w, const at::Tensor& x) {
+  ConvArgs a(op);
+  return at::convolution(a.padded(x), w, {}, a.stride, a.padding, a.dilation, false, a.zeros(), a.groups);
+}
+
+at::Tensor conv_transpose(const Op& op, const at::Tensor& w, const at::Tensor& c, std::vector<int64_t> in_shape) {
+  ConvArgs a(op);
+  in_shape[0] = c.size(0);
+  if (!a.pad.empty())
+    for (int64_t i = 0; i < a.dim; ++i) in_shape[2 + i] += a.pad[2 * (a.dim - 1 - i)] + a.pad[2 * (a.dim - 1 - i) + 1];
+  at::Tensor shape_only = at::empty({1}, c.options()).expand(in_shape);
+  at::Tensor g = std::get<0>(at::convolution_backward(c, shape_only, w, c10::nullopt, a.stride, a.padding, a.dilation,
+                                                      false, a.zeros(), a.groups, {true, false, false}));
+  if (!a.pad.empty())
+    for (int64_t i = 0; i < a.dim; ++i) {
+      const int64_t lo = a.pad[2 * (a.dim - 1 - i)];
+      g = g.narrow(2 + i, lo, g.size(2 + i) - lo - a.pad[2 * (a.dim - 1 - i) + 1]);
+    }
+  return g;
+}
+
+// K□(x, c) for the weight (and Σ c for the bias when asked).
+std::tuple<at::Tensor, at::Tensor> weight_adjoint(const Op& op, const at::Tensor& w, const at::Tensor& x,
+                                                  const at::Tensor& c, bool need_bias) {
+  if (op.kind == OpKind::Linear) {
+    at::Tensor c2 = c.reshape({-1, c.size(-1)});
+    at::Tensor dw = c2.t().mm(x.reshape({-1, x.size(-1)}));
+    return {dw, need_bias ? c2.sum(0) : at::Tensor()};
+  }
+  ConvArgs a(op);
+  c10::optional<at::IntArrayRef> bias_sizes;
+  std::vector<int64_t> bs{w.size(0)};
+  if (need_bias) bias_sizes = bs;
+  auto r = at::convolution_backward(c, a.padded(x), w, bias_sizes, a.stride, a.padding, a.dilation, false, a.zeros(),
+                                    a.groups, {false, true, need_bias});
+  return {std::get<1>(r), need_bias ? std::get<2>(r) : at::Tensor()};
+}
+
+at::Tensor bias_gradient(const Op& op, const at::Tensor& c) {
+  if (op.kind == OpKind::Linear) return c.reshape({-1, c.size(-1)}).sum(0);
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < c.dim(); ++d) dims.push_back(d);
+  return c.sum(dims);
+}
+
+// The bias shaped to broadcast against an affine op's output z (per last dim, or per channel).
+at::Tensor bias_view(const Op& op, const at::Tensor& b, const at::Tensor& z) {
+  if (op.kind == OpKind::Linear) return b;
+  std::vector<int64_t> shape(z.dim() - 1, 1);
+  shape[0] = -1;
+  return b.view(shape);
+}
+
+// channels / inner of an affine op's output (bias broadcast layout).
+std::pair<int64_t, int64_t> channel_layout(const Op& op, const at::Tensor& z) {
+  if (op.kind == OpKind::Linear) return {z.size(-1), 1};
+  return {z.size(1), prod(z.sizes(), 2)};
+}
+
+// ---- pools as 2-d (1-d pools get a height of 1); maxpool ints = [one_d, k(2), s(2), p(2), d(2), ceil]
+at::Tensor as2d(const Op& op, const at::Tensor& t) { return op.ints[0] ? t.unsqueeze(2) : t; }
+at::Tensor from2d(const Op& op, const at::Tensor& t) { return op.ints[0] ? t.squeeze(2) : t; }
+
+at::Tensor avg_pool(const Op& op, const at::Tensor& q) {
+  const auto& v = op.ints;  // [one_d, k(2), s(2), p(2), ceil, count_include_pad, has_divisor, divisor]
+  c10::optional<int64_t> divisor = v[9] ? c10::optional<int64_t>(v[10]) : c10::nullopt;
+  return from2d(op, at::avg_pool2d(as2d(op, q), slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2), v[7], v[8], divisor));
+}
+
+at::Tensor avg_pool_transpose(const Op& op, const at::Tensor& c, std::vector<int64_t> in_shape) {
+  const auto& v = op.ints;
+  c10::optional<int64_t> divisor = v[9] ? c10::optional<int64_t>(v[10]) : c10::nullopt;
+  in_shape[0] = c.size(0);
+  at::Tensor shape_only = as2d(op, at::empty({1}, c.options()).expand(in_shape));
+  return from2d(op, at::avg_pool2d_backward(as2d(op, c), shape_only, slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2),
+                                            v[7], v[8], divisor));
+}
+
+// rows of c (k·B) viewed as (k, B, ...) against per-sample state t (B, ...).
+at::Tensor per_sample(const at::Tensor& c, const at::Tensor& t) {
+  std::vector<int64_t> shape{-1};
+  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+  return c.reshape(shape);
+}
+
+// Routing gather (R q) / scatter-add (Rᵀ c) through flattened max-pool indices idx (B, C, out).
+at::Tensor maxpool_gather(const at::Tensor& q, const at::Tensor& idx, const std::vector<int64_t>& out_shape) {
+  at::Tensor qs = per_sample(q.flatten(2), idx.new_empty({idx.size(0), idx.size(1), q.flatten(2).size(2)}));
+  at::Tensor out = qs.gather(3, idx.unsqueeze(0).expand({qs.size(0), -1, -1, -1}));
+  std::vector<int64_t> shape{q.size(0)};
+  shape.insert(shape.end(), out_shape.begin() + 1, out_shape.end());
+  return out.reshape(shape);
+}
+
+at::Tensor maxpool_scatter(const at::Tensor& c, const at::Tensor& idx, const std::vector<int64_t>& in_shape) {
+  at::Tensor cs = per_sample(c.flatten(2), idx);
+  at::Tensor out = at::zeros({cs.size(0), cs.size(1), cs.size(2), prod(in_shape, 2)}, c.options());
+  out.scatter_add_(3, idx.unsqueeze(0).expand({cs.size(0), -1, -1, -1}), cs);
+  std::vector<int64_t> shape{c.size(0)};
+  shape.insert(shape.end(), in_shape.begin() + 1, in_shape.end());
+  return out.reshape(shape);
+}
+
+at::Tensor dropout_multiply(const at::Tensor& c, const at::Tensor& mask) {
+  return (per_sample(c, mask) * mask).reshape(c.sizes());
+}
+
+double slope_of(const Op& op) { return op.floats.empty() ? 0.0 : op.floats[0]; }
+
+// The linear part of op i applied to a tangent (K q, R q, a ⊙ q).
+at::Tensor apply_linear(const Program& p, const ForwardState& s, size_t i, const at::Tensor& q) {
+  const Op& op = p.ops[i];
+  switch (op.kind) {
+    case OpKind::Linear: return at::linear(q, p.weights[op.affine]);
+    case OpKind::Conv: return conv(op, p.weights[op.affine], q);
+    case OpKind::Activation: return mask_multiply(q.contiguous(), s.bits[i], s.mask_numel[i], slope_of(op));
+    case OpKind::MaxPool: return maxpool_gather(q, s.aux[i], s.out_shapes[i]);
+    case OpKind::AvgPool: return avg_pool(op, q);
+    case OpKind::Flatten: return q.flatten(op.ints[0], op.ints[1]);
+    case OpKind::Dropout: return dropout_multiply(q, s.aux[i]);
+    case OpKind::Identity: return q;
+  }
+  TORCH_CHECK(false, "unknown op kind");
+}
+
+// The transpose of op i applied to a cotangent (Kᵀ c, Rᵀ c, a ⊙ c).
+at::Tensor apply_transpose(const Program& p, const ForwardState& s, size_t i, const at::Tensor& c) {
+  const Op& op = p.ops[i];
+  switch (op.kind) {
+    case OpKind::Linear: return c.matmul(p.weights[op.affine]);
+    case OpKind::Conv: return conv_transpose(op, p.weights[op.affine], c, s.in_shapes[i]);
+    case OpKind::Activation: return mask_multiply(c.contiguous(), s.bits[i], s.mask_numel[i], slope_of(op));
+    case OpKind::MaxPool: return maxpool_scatter(c, s.aux[i], s.in_shapes[i]);
+    case OpKind::AvgPool: return avg_pool_transpose(op, c, s.in_shapes[i]);
+    case OpKind::Flatten: {
+      std::vector<int64_t> shape{c.size(0)};
+      shape.insert(shape.end(), s.in_shapes[i].begin() + 1, s.in_shapes[i].end());
+      return c.reshape(shape);
+    }
+    case OpKind::Dropout: return dropout_multiply(c, s.aux[i]);
+    case OpKind::Identity: return c;
+  }
+  TORCH_CHECK(false, "unknown op kind");
+}
+
+}  // namespace
+
+Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::Tensor> w,
+                 const std::vector<c10::optional<at::Tensor>>& b)
+    : weights(std::move(w)) {
+  TORCH_CHECK(weights.size() == b.size(), "got ", weights.size(), " weights but ", b.size(), " biases");
+  int64_t affine = 0;
+  for (size_t i = 0; i < descriptors.size(); ++i) {
+    const auto& [kind, ints, floats] = descriptors[i];
+    TORCH_CHECK(kind >= 0 && kind <= 7, "op ", i, ": unknown kind ", kind);
+    Op op{static_cast<OpKind>(kind), ints, floats};
+    if (op.kind == OpKind::Linear || op.kind == OpKind::Conv) {
+      TORCH_CHECK(affine < static_cast<int64_t>(weights.size()), "op ", i, ": more affine ops than weights");
+      op.affine = affine++;
+      if (first_affine < 0) first_affine = static_cast<int64_t>(i);
+      last_affine = static_cast<int64_t>(i);
+    }
+    if (op.kind == OpKind::Conv) TORCH_CHECK(!ints.empty() && ints.size() >= 3 + 3 * static_cast<size_t>(ints[0]),
+                                             "op ", i, ": malformed convolution descriptor");
+    ops.push_back(std::move(op));
+  }
+  TORCH_CHECK(affine == static_cast<int64_t>(weights.size()), "got ", weights.size(), " weights for ", affine,
+              " affine ops");
+  TORCH_CHECK(first_affine >= 0, "the program has no affine op");
+  for (const auto& t : b) biases.push_back(t.has_value() ? *t : at::Tensor());
+  for (size_t j = 0; j < weights.size(); ++j) {
+    TORCH_CHECK(weights[j].device() == weights[0].device() && weights[j].scalar_type() == weights[0].scalar_type(),
+                "weight ", j, " is ", weights[j].scalar_type(), " on ", weights[j].device(), ", weight 0 is ",
+                weights[0].scalar_type(), " on ", weights[0].device());
+    if (biases[j].defined())
+      TORCH_CHECK(biases[j].device() == weights[j].device() && biases[j].scalar_type() == weights[j].scalar_type(),
+                  "bias ", j, " does not match its weight's dtype and device");
+  }
+}
+
+std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input, bool keep_inputs) {
+  const at::Tensor& w0 = p.weights[0];
+  TORCH_CHECK(input.scalar_type() == w0.scalar_type(), "x is ", input.scalar_type(), " but the weights are ",
+              w0.scalar_type());
+  TORCH_CHECK(input.device() == w0.device(), "x is on ", input.device(), " but the weights are on ", w0.device());
+  TORCH_CHECK(input.dim() >= 2 && input.size(0) > 0, "x must be a non-empty batch, got shape ", input.sizes());
+  auto s = std::make_shared<ForwardState>();
+  const size_t n = p.ops.size();
+  s->inputs.resize(n);
+  s->in_shapes.resize(n);
+  s->out_shapes.resize(n);
+  s->bits.resize(n);
+  s->mask_numel.assign(n, 0);
+  s->aux.resize(n);
+  at::Tensor x = input;
+  for (size_t i = 0; i < n; ++i) {
+    const Op& op = p.ops[i];
+    s->in_shapes[i] = x.sizes().vec();
+    at::Tensor y;
+    if (p.is_affine(i)) {
+      if (keep_inputs) s->inputs[i] = x;
+      at::Tensor z = apply_linear(p, *s, i, x);
+      const at::Tensor& b = p.biases[op.affine];
+      if (i + 1 < n && p.ops[i + 1].kind == OpKind::Activation) {  // fused epilogue: bias + g + bits
+        auto [channels, inner] = channel_layout(op, z);
+        s->out_shapes[i] = z.sizes().vec();
+        s->in_shapes[i + 1] = z.sizes().vec();
+        std::tie(y, s->bits[i + 1]) = forward_epilogue(z.contiguous(), b, channels, inner, slope_of(p.ops[i + 1]));
+        s->mask_numel[i + 1] = z.numel();
+        s->numel_per_sample += z[0].numel();
+        ++i;
+      } else {
+        y = b.defined() ? z + bias_view(op, b, z) : z;
+      }
+    } else if (op.kind == OpKind::Activation) {
+      std::tie(y, s->bits[i]) = forward_epilogue(x.contiguous(), at::Tensor(), 1, 1, slope_of(op));
+      s->mask_numel[i] = x.numel();
+    } else if (op.kind == OpKind::MaxPool) {
+      const auto& v = op.ints;
+      auto [out, idx] = at::max_pool2d_with_indices(as2d(op, x), slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2),
+                                                    slice(v, 7, 2), v[9]);
+      y = from2d(op, out);
+      s->aux[i] = idx.flatten(2);
+    } else if (op.kind == OpKind::Dropout) {
+      const double keep = 1.0 - op.floats[0];
+      at::Tensor mask = keep > 0 ? at::empty(x.sizes(), x.options()).bernoulli_(keep).div_(keep) : at::zeros_like(x);
+      y = x * mask;
+      s->aux[i] = mask;
+    } else {
+      y = apply_linear(p, *s, i, x);
+    }
+    s->out_shapes[i] = y.sizes().vec();
+    s->numel_per_sample += y[0].numel();
+    x = y;
+  }
+  s->output = x;
+  return s;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> backward(const Program& p, const ForwardState& s,
+                                                         const at::Tensor& zeta_L, bool keep_zetas) {
+  TORCH_CHECK(zeta_L.dim() == 2 && zeta_L.size(1) == s.output.size(1) && zeta_L.size(0) % s.output.size(0) == 0,
+              "zeta_L must have shape (k·B, C) with B=", s.output.size(0), ", C=", s.output.size(1), "; got ",
+              zeta_L.sizes());
+  std::vector<at::Tensor> zetas(p.ops.size());
+  at::Tensor c = zeta_L;
+  for (size_t i = p.ops.size(); i-- > 0;) {
+    if (keep_zetas && p.is_affine(i)) zetas[i] = c;
+    c = apply_transpose(p, s, i, c);
+  }
+  return {c, zetas};
+}
+
+at::Tensor backward_backward(const Program& p, const ForwardState& s, const at::Tensor& q0,
+                             std::vector<at::Tensor>& zetas, std::vector<at::Tensor>& theta_hat,
+                             const std::vector<bool>& want_weight, bool need_h) {
+  TORCH_CHECK(want_weight.size() == p.weights.size() && theta_hat.size() == p.weights.size(),
+              "theta_hat and want_weight need one entry per affine op (", p.weights.size(), ")");
+  at::Tensor q = q0;
+  for (size_t i = 0; i < p.ops.size(); ++i) {
+    if (p.is_affine(i)) {
+      const int64_t j = p.ops[i].affine;
+      if (want_weight[j]) {  // θ̂¹_j += K□_j(q_{j-1}, ζ_j); ζ_j freed right after
+        TORCH_CHECK(i < zetas.size() && zetas[i].defined(), "op ", i, ": zeta was not kept by the backward pass");
+        at::Tensor dw = std::get<0>(weight_adjoint(p.ops[i], p.weights[j], q, zetas[i], false));
+        theta_hat[j] = theta_hat[j].defined() ? theta_hat[j].add_(dw) : dw;
+      }
+      if (i < zetas.size()) zetas[i] = at::Tensor();
+      if (static_cast<int64_t>(i) == p.last_affine && !need_h) return at::Tensor();
+    }
+    q = apply_linear(p, s, i, q);
+  }
+  return q;
+}
+
+at::Tensor forward_backward(const Program& p, const ForwardState& s, const at::Tensor& eta_L,
+                            std::vector<at::Tensor>& grad_w, std::vector<at::Tensor>& grad_b,
+                            const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
+                            bool need_input_grad) {
+  const size_t L = p.weights.size();
+  TORCH_CHECK(grad_w.size() == L && grad_b.size() == L && want_weight.size() == L && want_bias.size() == L,
+              "gradient lists need one entry per affine op (", L, ")");
+  at::Tensor eta = eta_L;
+  at::Tensor pending_db;  // ∇b_j fused into the mask multiply of activation j
+  for (size_t i = p.ops.size(); i-- > 0;) {
+    const Op& op = p.ops[i];
+    if (op.kind == OpKind::Activation && i > 0 && p.is_affine(i - 1) && want_bias[p.ops[i - 1].affine] &&
+        p.biases[p.ops[i - 1].affine].defined()) {
+      // η_j = a_j ⊙ γ_j and ∇b_j = Σ η_j in one pass
+      auto [channels, inner] = channel_layout(p.ops[i - 1], eta);
+      std::tie(eta, pending_db) =
+          mask_multiply_bias_grad(eta.contiguous(), s.bits[i], s.mask_numel[i], slope_of(op), channels, inner);
+      continue;
+    }
+    if (p.is_affine(i)) {
+      const int64_t j = op.affine;
+      const bool need_b = want_bias[j] && p.biases[j].defined();
+      if (want_weight[j]) {
+        TORCH_CHECK(s.inputs[i].defined(), "op ", i, ": the forward pass did not keep its input");
+        auto [dw, db] = weight_adjoint(op, p.weights[j], s.inputs[i], eta, need_b && !pending_db.defined());
+        grad_w[j] = grad_w[j].defined() ? grad_w[j].add_(dw) : dw;
+        if (db.defined()) pending_db = db;
+      }
+      if (need_b) {
+        at::Tensor db = pending_db.defined() ? pending_db : bias_gradient(op, eta);
+        grad_b[j] = grad_b[j].defined() ? grad_b[j].add_(db) : db;
+      }
+      pending_db = at::Tensor();
+    }
+    if (static_cast<int64_t>(i) <= p.first_affine && !need_input_grad) return at::Tensor();
+    eta = apply_transpose(p, s, i, eta);
+  }
+  return eta;
+}
+
+}  // namespace dbprop

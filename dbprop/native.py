@@ -1,0 +1,62 @@
+"""The four passes through the native extension: the same interface as :mod:`dbprop.passes`, each pass one
+call into ``dbprop._C`` over the whole program (so no Python runs per layer)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import Tensor
+
+from .backends import native_module
+from .passes import ParamGrads
+from .program import Program
+
+
+def forward(program: Program, x: Tensor, keep_inputs: bool):
+    return native_module().forward(program.native(), x, keep_inputs)
+
+
+def backward(program: Program, fp, zeta_L: Tensor, keep_zetas: bool):
+    return native_module().backward(program.native(), fp, zeta_L, keep_zetas)
+
+
+def backward_backward(program: Program, fp, q0: Tensor, zetas, theta_hat: Optional[ParamGrads],
+                      need_h: bool) -> Optional[Tensor]:
+    n = len(program.affine_indices)
+    if theta_hat is not None:
+        want_w, _, acc_w, _ = theta_hat.per_affine()
+    else:
+        want_w, acc_w = [False] * n, [None] * n
+    if isinstance(zetas, dict):  # no ζ kept (tangent pass)
+        zetas = [zetas.get(i) for i in range(len(program.ops))]
+    h, acc_w = native_module().backward_backward(program.native(), fp, q0, zetas, acc_w, want_w, need_h)
+    if theta_hat is not None:
+        theta_hat.set_per_affine(acc_w)
+    return h
+
+
+def forward_backward(program: Program, fp, eta_L: Tensor, grads: Optional[ParamGrads],
+                     need_input_grad: bool) -> Optional[Tensor]:
+    n = len(program.affine_indices)
+    if grads is not None:
+        want_w, want_b, acc_w, acc_b = grads.per_affine()
+    else:
+        want_w, want_b, acc_w, acc_b = [False] * n, [False] * n, [None] * n, [None] * n
+    gamma0, acc_w, acc_b = native_module().forward_backward(program.native(), fp, eta_L.contiguous(), acc_w, acc_b,
+                                                            want_w, want_b, need_input_grad)
+    if grads is not None:
+        grads.set_per_affine(acc_w, acc_b)
+    return gamma0
+
+
+def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chunk_budget: int,
+                     directions: Optional[Tensor], scale: float, sample_weight: Tensor, grads: Optional[ParamGrads],
+                     need_input_grad: bool):
+    """Algorithm 4 in one native call (``chunk=0``: sized to ``chunk_budget`` bytes); fills ``grads`` and
+    returns ``(values, input_grad)``."""
+    n = len(program.affine_indices)
+    want_w, want_b = grads.per_affine()[:2] if grads is not None else ([False] * n, [False] * n)
+    value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget, directions, scale,
+                                                         sample_weight, want_w, want_b, need_input_grad)
+    if grads is not None:
+        grads.set_per_affine(gw, gb)
+    return value, gx
