@@ -1,0 +1,177 @@
+"""The native backend (dbprop._C): equal to the python backend, element kernels against their definitions,
+packed masks, low precision, argument checks, and the same parity checks on a GPU when there is one."""
+import pytest
+import torch
+
+import dbprop
+from dbprop import functional as F
+from dbprop import penalties as P
+
+from helpers import grads_of, max_rel_err
+from nets import NETS, build, draw_input
+
+pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
+if dbprop.native_available():
+    from dbprop import _C
+
+CALLS = {
+    "jacobian-logits": lambda m, x, b: F.jacobian_penalty(m, x, backend=b),
+    "jacobian-softmax": lambda m, x, b: F.jacobian_penalty(m, x, output="softmax", chunk_size=2, backend=b),
+    "random-softmax": lambda m, x, b: F.jacobian_penalty(m, x, output="softmax", estimator="random",
+                                                         num_projections=2, backend=b),
+    "double-backprop": lambda m, x, b: F.double_backprop_loss(m, x, torch.tensor([0, 1, 2]), 0.5, backend=b),
+    "spectral": lambda m, x, b: F.spectral_norm_penalty(m, x, output="softmax", backend=b),
+    "alignment": lambda m, x, b: F.alignment_penalty(m, x, torch.tensor([0, 1, 2]), backend=b),
+}
+
+
+def _run(model, x, call, backend, seed=3):
+    torch.manual_seed(seed)
+    value = call(model, x, backend)
+    return [value.detach(), *grads_of(value, model, x)]
+
+
+def _parity(model, x, case):
+    return max_rel_err(_run(model, x, CALLS[case], "native"), _run(model, x, CALLS[case], "python"))
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("case", sorted(CALLS))
+def test_native_equals_python_float64(net, case):
+    model, shape = build(net)
+    x = draw_input(model, shape, 3).requires_grad_(True)
+    assert _parity(model, x, case) <= 1e-12
+
+
+@pytest.mark.parametrize("net", ["conv2d", "conv1d", "mlp"])
+def test_native_equals_python_float32(net):
+    model, shape = build(net, dtype=torch.float32)
+    x = draw_input(model, shape, 3, dtype=torch.float32)
+    assert _parity(model, x, "jacobian-softmax") <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_at_most_twice_pytorch(dtype):
+    """Error against float64 of the native backend <= 2x that of the python backend at the same precision."""
+    model, shape = build("conv2d")
+    x = draw_input(model, shape, 4)
+    ref = _run(model, x, CALLS["jacobian-softmax"], "python")
+    low_model, low_x = build("conv2d", dtype=dtype)[0], x.to(dtype)
+    errs = {}
+    for backend in ("native", "python"):
+        out = _run(low_model, low_x, CALLS["jacobian-softmax"], backend)
+        assert all(t.dtype == dtype for t in out)
+        errs[backend] = max_rel_err([t.double() for t in out], ref)
+    assert errs["native"] <= 2 * errs["python"] + 1e-3, errs
+
+
+def test_gradcheck_through_native_backend():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool1d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(9, 3)).double()
+    x = draw_input(model, (2, 6), 2).requires_grad_(True)
+
+    def f(x, *params):
+        return F.jacobian_penalty(model, x, output="softmax", backend="native")
+
+    assert torch.autograd.gradcheck(f, (x, *model.parameters()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ element kernels
+def _unpack(bits, n):
+    return ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n].bool()
+
+
+@pytest.mark.parametrize("n", [1, 7, 13, 37, 64, 1001])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_packed_mask_round_trip_odd_sizes(n, dtype):
+    z = torch.randn(n, dtype=torch.float64).to(dtype)
+    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.1)
+    assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
+    assert torch.equal(_unpack(bits, n), z > 0)
+    torch.testing.assert_close(x, torch.nn.functional.leaky_relu(z, 0.1))
+    c = torch.randn(3 * n, dtype=torch.float64).to(dtype)  # three stacked directions
+    expected = torch.where((z > 0).repeat(3), c, c * 0.1)
+    torch.testing.assert_close(_C.mask_multiply(c, bits, n, 0.1), expected)
+
+
+@pytest.mark.parametrize("shape,channels,inner", [((5, 3), 3, 1), ((2, 4, 3, 5), 4, 15), ((3, 2, 7), 2, 7)])
+def test_epilogue_bias_and_fused_bias_gradient(shape, channels, inner):
+    z = torch.randn(shape, dtype=torch.float64)
+    bias = torch.randn(channels, dtype=torch.float64)
+    b = bias if inner == 1 else bias.view(-1, *([1] * (len(shape) - 2)))
+    x, bits = _C.forward_epilogue(z, bias, channels, inner, 0.0)
+    torch.testing.assert_close(x, torch.relu(z + b))
+    c = torch.randn(2 * shape[0], *shape[1:], dtype=torch.float64)
+    eta, db = _C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, channels, inner)
+    expected = c * (z + b > 0).repeat(2, *([1] * (len(shape) - 1)))
+    torch.testing.assert_close(eta, expected)
+    dims = [0] + list(range(2, len(shape))) if inner > 1 else [0]
+    torch.testing.assert_close(db, expected.sum(dims))
+
+
+def test_softmax_kernels_and_squared_norm_head():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x = torch.softmax(z, -1)
+    v, h = torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_C.softmax_cotangent(x, v), P.softmax_adjoint(x, v))
+    eta = _C.softmax_eta_accumulate(x, v, h, torch.zeros(4, 6, dtype=torch.float64))
+    torch.testing.assert_close(eta, P.softmax_eta(x, v, h).sum(0))
+    xi = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    w = torch.rand(4, generator=g, dtype=torch.float64)
+    value, q0 = _C.squared_norm_head(xi, 0.5, w, torch.zeros(4, dtype=torch.float64), True)
+    torch.testing.assert_close(value, 0.5 * xi.pow(2).sum((0, 2)))
+    torch.testing.assert_close(q0, xi * w[None, :, None])
+
+
+def test_native_checks_name_the_argument():
+    z = torch.randn(10, dtype=torch.float64)
+    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.0)
+    with pytest.raises(RuntimeError, match="bits holds 2 bytes"):
+        _C.mask_multiply(torch.randn(30, dtype=torch.float64), bits, 30, 0.0)
+    with pytest.raises(RuntimeError, match="whole number of copies"):
+        _C.mask_multiply(torch.randn(15, dtype=torch.float64), bits, 10, 0.0)
+    with pytest.raises(RuntimeError, match="empty"):
+        _C.forward_epilogue(torch.randn(0, dtype=torch.float64), None, 1, 1, 0.0)
+    with pytest.raises(RuntimeError, match="bias has 3 elements"):
+        _C.forward_epilogue(z.view(5, 2), torch.zeros(3, dtype=torch.float64), 2, 1, 0.0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        _C.mask_multiply(torch.randn(10, 2, dtype=torch.float64)[:, 0], bits, 10, 0.0)
+    with pytest.raises(RuntimeError, match="sample_weight must have shape"):
+        _C.squared_norm_head(torch.randn(1, 4, 3, dtype=torch.float64), 1.0, torch.ones(3, dtype=torch.float64),
+                             torch.zeros(4, dtype=torch.float64), True)
+
+
+def test_native_forward_rejects_empty_batch_and_mismatch():
+    model, shape = build("mlp")
+    program = dbprop.compile_model(model).native()
+    with pytest.raises(RuntimeError, match="non-empty batch"):
+        _C.forward(program, torch.zeros(0, *shape, dtype=torch.float64), False)
+    with pytest.raises(RuntimeError, match="x is Float but the weights are Double"):
+        _C.forward(program, torch.zeros(2, *shape), False)
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and dbprop.backend_info().get("cuda")),
+                          reason="needs a GPU and dbprop._C built with CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("case", sorted(CALLS))
+def test_cuda_native_equals_python(net, case):
+    model, shape = build(net)
+    x = draw_input(model, shape, 3)
+    model, x = model.cuda(), x.cuda().requires_grad_(True)
+    assert _parity(model, x, case) <= 1e-10
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 13, 1001])
+def test_cuda_packed_masks(n):
+    z = torch.randn(n, dtype=torch.float64, device="cuda")
+    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.2)
+    assert torch.equal(_unpack(bits.cpu(), n), (z > 0).cpu())
+    c = torch.randn(2 * n, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(_C.mask_multiply(c, bits, n, 0.2), torch.where((z > 0).repeat(2), c, 0.2 * c))
