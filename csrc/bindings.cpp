@@ -41,9 +41,9 @@ py::dict build_info() {
 #endif
 #ifdef WITH_CUDA
   info["cuda"] = true;
-#ifdef DBPROP_CUDA_ARCHS
-  info["cuda_archs"] = DBPROP_CUDA_ARCHS;
-#endif
+#define DBPROP_STR2(x) #x
+#define DBPROP_STR(x) DBPROP_STR2(x)
+  info["cuda_archs"] = DBPROP_STR(DBPROP_CUDA_ARCHS);  // e.g. "80_90" for TORCH_CUDA_ARCH_LIST="8.0;9.0"
 #else
   info["cuda"] = false;
 #endif

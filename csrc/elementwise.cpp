@@ -49,7 +49,20 @@ std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const a
   }
   TORCH_CHECK(channels > 0 && inner > 0 && z.numel() % (channels * inner) == 0,
               "z of ", z.numel(), " elements does not split into channels=", channels, " x inner=", inner);
-  DBPROP_DISPATCH(z, forward_epilogue, z, bias, channels, inner, slope);
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    DBPROP_DISPATCH(z, forward_epilogue, z, bias, channels, inner, slope);
+  }();
+  if (slope < 0) {  // x > 0 does not identify z > 0 for a negative slope: pack the sign of z + b itself
+    at::Tensor v = bias.defined() ? z.view({-1, channels, inner}) + bias.view({1, channels, 1}) : z;
+    std::get<1>(result) = pack_positive(v.gt(0).to(at::kByte).contiguous().view({-1}));
+  }
+  return result;
+}
+
+at::Tensor pack_positive(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.is_contiguous() && t.numel() > 0,
+              "pack_positive needs a non-empty contiguous uint8 tensor");
+  DBPROP_DISPATCH(t, pack_positive, t);
 }
 
 at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope) {

@@ -13,6 +13,9 @@ namespace dbprop {
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
                                                     int64_t inner, double slope);
 
+// Packed bits of [t > 0] for a contiguous uint8 tensor t.
+at::Tensor pack_positive(const at::Tensor& t);
+
 // a ⊙ c, c holding k stacked copies of the mask's batch (mask_numel elements each).
 at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope);
 
@@ -33,6 +36,7 @@ at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tenso
 
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+at::Tensor pack_positive(const at::Tensor&);
 at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
 std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
                                                            int64_t, int64_t);
@@ -44,6 +48,7 @@ at::Tensor squared_norm_head(const at::Tensor&, double, const at::Tensor&, at::T
 #ifdef WITH_CUDA
 namespace cuda {
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+at::Tensor pack_positive(const at::Tensor&);
 at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
 std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
                                                            int64_t, int64_t);

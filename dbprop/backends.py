@@ -1,6 +1,7 @@
 """Backend selection: the native extension ``dbprop._C`` when built, else the pure-PyTorch passes."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -9,6 +10,7 @@ BACKENDS = ("auto", "native", "python")
 
 _native: Optional[Any] = None
 _native_error: Optional[str] = None
+_warned_python = False
 try:  # torch must be imported before the extension (it links against libtorch)
     from . import _C as _native  # type: ignore[attr-defined, no-redef]
 except ImportError as e:  # no compiler at install time, or not built yet
@@ -47,7 +49,16 @@ def resolve(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "native" if native_available() else "python"
+        if native_available():
+            return "native"
+        global _warned_python
+        if not _warned_python:
+            _warned_python = True
+            warnings.warn("dbprop: the native extension dbprop._C is not built (no compiler at install time?); "
+                          "running the pure-PyTorch passes, which are exact but slower. Reinstall with "
+                          "`pip install --no-build-isolation -e .` where a C++ compiler is available.",
+                          RuntimeWarning, stacklevel=4)
+        return "python"
     if backend == "native" and not native_available():
         raise RuntimeError("backend='native' requested but the dbprop._C extension with native passes is not "
                            "available in this installation; use backend='python' or 'auto'"

@@ -43,7 +43,7 @@ def dropout_train(C=4):
 
 
 def critic():
-    return nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)), (5,)
+    return nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8), nn.LeakyReLU(-0.5), nn.Linear(8, 1)), (5,)
 
 
 NETS = {"mlp": mlp, "conv2d": conv2d, "conv2d_options": conv2d_options, "conv1d": conv1d,

@@ -84,15 +84,16 @@ def _unpack(bits, n):
 
 @pytest.mark.parametrize("n", [1, 7, 13, 37, 64, 1001])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_packed_mask_round_trip_odd_sizes(n, dtype):
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.3])
+def test_packed_mask_round_trip_odd_sizes(n, dtype, slope):
     z = torch.randn(n, dtype=torch.float64).to(dtype)
-    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.1)
+    x, bits = _C.forward_epilogue(z, None, 1, 1, slope)
     assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
     assert torch.equal(_unpack(bits, n), z > 0)
-    torch.testing.assert_close(x, torch.nn.functional.leaky_relu(z, 0.1))
+    torch.testing.assert_close(x, torch.nn.functional.leaky_relu(z, slope))
     c = torch.randn(3 * n, dtype=torch.float64).to(dtype)  # three stacked directions
-    expected = torch.where((z > 0).repeat(3), c, c * 0.1)
-    torch.testing.assert_close(_C.mask_multiply(c, bits, n, 0.1), expected)
+    expected = torch.where((z > 0).repeat(3), c, c * slope)
+    torch.testing.assert_close(_C.mask_multiply(c, bits, n, slope), expected)
 
 
 @pytest.mark.parametrize("shape,channels,inner", [((5, 3), 3, 1), ((2, 4, 3, 5), 4, 15), ((3, 2, 7), 2, 7)])

@@ -19,7 +19,7 @@ constexpr int64_t kGrain = 2048;
 
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
                                                     int64_t inner, double slope) {
-  const int64_t n = z.numel();
+  const int64_t n = z.numel(), blocks = n / inner;
   at::Tensor x = at::empty_like(z);
   at::Tensor bits = at::empty({kernels::packed_bytes(n)}, z.options().dtype(at::kByte));
   at::Tensor b = bias.defined() ? bias.contiguous() : bias;
@@ -29,13 +29,29 @@ std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const a
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     scalar_t* xp = x.data_ptr<scalar_t>();
     uint8_t* bitsp = bits.data_ptr<uint8_t>();
+    at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / inner), [&](int64_t lo, int64_t hi) {
+      for (int64_t blk = lo; blk < hi; ++blk) {  // one bias value per (row, channel) block
+        const acc_t bias_value = bp ? static_cast<acc_t>(bp[blk % channels]) : acc_t(0);
+        for (int64_t e = blk * inner; e < (blk + 1) * inner; ++e)
+          kernels::forward_epilogue_element<scalar_t, acc_t>(zp, xp, bias_value, static_cast<acc_t>(slope), e);
+      }
+    });
     at::parallel_for(0, bits.numel(), kGrain / 8, [&](int64_t lo, int64_t hi) {
-      for (int64_t byte = lo; byte < hi; ++byte)
-        kernels::forward_epilogue_byte<scalar_t, acc_t>(zp, bp, xp, bitsp, n, channels, inner,
-                                                        static_cast<acc_t>(slope), byte);
+      for (int64_t byte = lo; byte < hi; ++byte) kernels::pack_positive_byte<scalar_t>(xp, bitsp, n, byte);
     });
   });
   return {x, bits};
+}
+
+at::Tensor pack_positive(const at::Tensor& t) {
+  const int64_t n = t.numel();
+  at::Tensor bits = at::empty({kernels::packed_bytes(n)}, t.options());
+  const uint8_t* tp = t.data_ptr<uint8_t>();
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  at::parallel_for(0, bits.numel(), kGrain / 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t byte = lo; byte < hi; ++byte) kernels::pack_positive_byte<uint8_t>(tp, bp, n, byte);
+  });
+  return bits;
 }
 
 at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope) {
@@ -45,9 +61,11 @@ at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t ma
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const uint8_t* bp = bits.data_ptr<uint8_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, c.numel(), kGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e)
-        op[e] = kernels::mask_multiply<scalar_t, acc_t>(cp, bp, mask_numel, static_cast<acc_t>(slope), e);
+    const int64_t bytes = bits.numel(), copies = c.numel() / mask_numel;
+    at::parallel_for(0, copies * bytes, kGrain / 8, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        kernels::mask_multiply_byte<scalar_t, acc_t>(cp, bp, op, mask_numel, static_cast<acc_t>(slope), i / bytes,
+                                                     i % bytes);
     });
   });
   return out;
@@ -66,16 +84,12 @@ std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, 
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* dbp = db.data_ptr<scalar_t>();
     at::parallel_for(0, channels, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t ch = lo; ch < hi; ++ch) {
+      for (int64_t ch = lo; ch < hi; ++ch) {  // one channel per task: rows × inner elements, no races
         acc_t total = 0;
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t base = (r * channels + ch) * inner;
-          for (int64_t s = 0; s < inner; ++s) {
-            const scalar_t v = kernels::mask_multiply<scalar_t, acc_t>(cp, bp, mask_numel,
-                                                                       static_cast<acc_t>(slope), base + s);
-            op[base + s] = v;
-            total += static_cast<acc_t>(v);
-          }
+          const int64_t base = (r * channels + ch) * inner;  // a run of `inner` elements inside one copy
+          total += kernels::mask_multiply_run<scalar_t, acc_t>(cp, bp, op, static_cast<acc_t>(slope), base,
+                                                               base % mask_numel, inner);
         }
         dbp[ch] = static_cast<scalar_t>(total);
       }

@@ -20,33 +20,65 @@ DBPROP_HD int64_t packed_bytes(int64_t n) { return (n + 7) / 8; }
 // a = g'(z) ∈ {slope, 1} read from packed bits: bit e of the per-sample-batch mask.
 DBPROP_HD bool mask_bit(const uint8_t* bits, int64_t e) { return (bits[e >> 3] >> (e & 7)) & 1; }
 
-// Forward epilogue for the 8 elements of byte `byte`: z_j = K x + b (b per channel), x_j = g(z_j),
-// and the bits of a_j = [z_j > 0]. `channels`/`inner` locate the bias channel of element e:
-// c = (e / inner) % channels (inner = spatial size for conv, 1 for linear). `bias` may be null.
+// Forward epilogue, element e of a (row, channel) block sharing one bias value: z_j = K x + b, x_j = g(z_j).
 template <typename scalar_t, typename acc_t>
-DBPROP_HD void forward_epilogue_byte(const scalar_t* z, const scalar_t* bias, scalar_t* x, uint8_t* bits,
-                                     int64_t n, int64_t channels, int64_t inner, acc_t slope, int64_t byte) {
-  uint8_t packed = 0;
+DBPROP_HD void forward_epilogue_element(const scalar_t* z, scalar_t* x, acc_t bias, acc_t slope, int64_t e) {
+  const acc_t v = static_cast<acc_t>(z[e]) + bias;
+  x[e] = static_cast<scalar_t>(v > acc_t(0) ? v : v * slope);
+}
+
+// Bits of [x > 0] for the 8 elements of byte `byte`: a_j = [z_j > 0] read from x_j = g(z_j) when the slope
+// is >= 0 (then x_j > 0 exactly where z_j > 0), or from a 0/1 byte tensor [z_j > 0] otherwise.
+template <typename scalar_t>
+DBPROP_HD void pack_positive_byte(const scalar_t* x, uint8_t* bits, int64_t n, int64_t byte) {
   const int64_t first = byte * 8;
-  for (int k = 0; k < 8; ++k) {
-    const int64_t e = first + k;
-    if (e >= n) break;
-    acc_t v = static_cast<acc_t>(z[e]);
-    if (bias != nullptr) v += static_cast<acc_t>(bias[(e / inner) % channels]);
-    const bool on = v > acc_t(0);
-    packed |= static_cast<uint8_t>(on) << k;
-    x[e] = static_cast<scalar_t>(on ? v : v * slope);
-  }
+  const int count = static_cast<int>(n - first < 8 ? n - first : 8);
+  uint8_t packed = 0;
+  for (int t = 0; t < count; ++t) packed |= static_cast<uint8_t>(static_cast<float>(x[first + t]) > 0.0f) << t;
   bits[byte] = packed;
 }
 
-// ζ = a ⊙ ξ (backward), q = a ⊙ h (backward-backward), η = a ⊙ γ (forward-backward), for element e of a
+// ζ = a ⊙ ξ (backward), q = a ⊙ h (backward-backward), η = a ⊙ γ (forward-backward) for element e of a
 // tensor whose rows are k stacked copies of the batch: the mask index is e mod mask_numel.
 template <typename scalar_t, typename acc_t>
 DBPROP_HD scalar_t mask_multiply(const scalar_t* c, const uint8_t* bits, int64_t mask_numel, acc_t slope,
                                  int64_t e) {
   const acc_t v = static_cast<acc_t>(c[e]);
   return static_cast<scalar_t>(mask_bit(bits, e % mask_numel) ? v : v * slope);
+}
+
+// The same for the 8 elements of mask byte `byte` in stacked copy `copy` (no division per element).
+template <typename scalar_t, typename acc_t>
+DBPROP_HD void mask_multiply_byte(const scalar_t* c, const uint8_t* bits, scalar_t* out, int64_t mask_numel,
+                                  acc_t slope, int64_t copy, int64_t byte) {
+  const uint8_t packed = bits[byte];
+  const int64_t first = byte * 8, base = copy * mask_numel + first;
+  const acc_t off = acc_t(1) - slope;
+  if (mask_numel - first >= 8) {  // full byte: fixed trip count, branch-free (vectorises)
+    for (int t = 0; t < 8; ++t)
+      out[base + t] = static_cast<scalar_t>(static_cast<acc_t>(c[base + t]) *
+                                            (slope + off * static_cast<acc_t>((packed >> t) & 1)));
+    return;
+  }
+  for (int t = 0; t < mask_numel - first; ++t)
+    out[base + t] = static_cast<scalar_t>(static_cast<acc_t>(c[base + t]) *
+                                          (slope + off * static_cast<acc_t>((packed >> t) & 1)));
+}
+
+// a ⊙ c over a contiguous run of `len` elements starting at element e0 whose mask index is m0 (the run
+// stays inside one stacked copy); returns Σ a ⊙ c over the run (the bias-gradient contribution).
+template <typename scalar_t, typename acc_t>
+DBPROP_HD acc_t mask_multiply_run(const scalar_t* c, const uint8_t* bits, scalar_t* out, acc_t slope, int64_t e0,
+                                  int64_t m0, int64_t len) {
+  acc_t total = 0;
+  const acc_t off = acc_t(1) - slope;
+  for (int64_t s = 0; s < len; ++s) {
+    const int64_t m = m0 + s;
+    const acc_t v = static_cast<acc_t>(c[e0 + s]) * (slope + off * static_cast<acc_t>((bits[m >> 3] >> (m & 7)) & 1));
+    out[e0 + s] = static_cast<scalar_t>(v);
+    total += v;
+  }
+  return total;
 }
 
 // Softmax output terms for one sample and one direction (DESIGN.md §3), x = softmax(z_L), C classes:

@@ -1,0 +1,53 @@
+"""Measurements: wall time (median and min after warm-up), FLOPs (dbprop.analysis.flops), peak memory (each
+contender in its own subprocess: peak RSS above the baseline, and torch.cuda.max_memory_allocated on a GPU)."""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from dbprop.analysis.flops import count_flops
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_time(fn, device, warmup=1, min_repeats=3, max_repeats=15, budget_s=2.0):
+    """Median and min seconds of ``fn()`` over repeated runs after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), len(times)
+
+
+def flops(fn):
+    return count_flops(fn)
+
+
+def _rss_peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def peak_memory(spec: dict, timeout=600):
+    """Run one contender once in a fresh interpreter (``python -m bench.probe SPEC``); peak MB above baseline."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-m", "bench.probe", json.dumps(spec)], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,194 @@
+// CUDA launchers of the element bodies (csrc/kernels/elementwise.h): grid-stride __global__ kernels on the
+// current ATen stream. Reductions accumulate in the op-math type (float for half / bfloat16) with atomics.
+#include "../elementwise.h"
+#include "../kernels/elementwise.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace dbprop {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
+}
+
+#define GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_epilogue_kernel(const scalar_t* z, const scalar_t* bias, scalar_t* x, int64_t n,
+                                        int64_t channels, int64_t inner, acc_t slope) {
+  GRID_STRIDE(e, n) {
+    const acc_t b = bias ? static_cast<acc_t>(bias[(e / inner) % channels]) : acc_t(0);
+    kernels::forward_epilogue_element<scalar_t, acc_t>(z, x, b, slope, e);
+  }
+}
+
+template <typename scalar_t>
+__global__ void pack_positive_kernel(const scalar_t* x, uint8_t* bits, int64_t n, int64_t bytes) {
+  GRID_STRIDE(byte, bytes) { kernels::pack_positive_byte<scalar_t>(x, bits, n, byte); }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void mask_multiply_kernel(const scalar_t* c, const uint8_t* bits, scalar_t* out, int64_t n,
+                                     int64_t mask_numel, acc_t slope) {
+  GRID_STRIDE(e, n) { out[e] = kernels::mask_multiply<scalar_t, acc_t>(c, bits, mask_numel, slope, e); }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void mask_multiply_bias_grad_kernel(const scalar_t* c, const uint8_t* bits, scalar_t* out, acc_t* db,
+                                               int64_t n, int64_t mask_numel, acc_t slope, int64_t channels,
+                                               int64_t inner) {
+  GRID_STRIDE(e, n) {
+    const scalar_t v = kernels::mask_multiply<scalar_t, acc_t>(c, bits, mask_numel, slope, e);
+    out[e] = v;
+    atomicAdd(db + (e / inner) % channels, static_cast<acc_t>(v));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_cotangent_kernel(const scalar_t* x, const scalar_t* v, scalar_t* zeta, int64_t rows,
+                                         int64_t B, int64_t C) {
+  GRID_STRIDE(r, rows) { kernels::softmax_cotangent<scalar_t, acc_t>(x + (r % B) * C, v + r * C, zeta + r * C, C); }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_eta_kernel(const scalar_t* x, const scalar_t* v, const scalar_t* h, acc_t* eta, int64_t k,
+                                   int64_t B, int64_t C) {
+  GRID_STRIDE(b, B) {  // one sample per thread: no write conflicts on eta
+    for (int64_t i = 0; i < k; ++i)
+      kernels::softmax_eta_accumulate<scalar_t, acc_t>(x + b * C, v + (i * B + b) * C, h + (i * B + b) * C,
+                                                       eta + b * C, C);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void squared_norm_head_kernel(const scalar_t* xi, scalar_t* q0, const acc_t* w, acc_t* value, int64_t rows,
+                                         int64_t B, int64_t n, acc_t scale) {
+  GRID_STRIDE(r, rows) {
+    const int64_t b = r % B;
+    const acc_t p = kernels::squared_norm_head_row<scalar_t, acc_t>(xi + r * n, q0 ? q0 + r * n : nullptr, n, scale,
+                                                                    w[b]);
+    atomicAdd(value + b, p);
+  }
+}
+
+}  // namespace
+
+#define DBPROP_FLOATING_TYPES(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, t, name, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
+                                                    int64_t inner, double slope) {
+  c10::cuda::CUDAGuard guard(z.device());
+  const int64_t n = z.numel();
+  at::Tensor x = at::empty_like(z);
+  at::Tensor bits = at::empty({kernels::packed_bytes(n)}, z.options().dtype(at::kByte));
+  at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(z.scalar_type(), "forward_epilogue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_epilogue_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, x.data_ptr<scalar_t>(), n, channels,
+        inner, static_cast<acc_t>(slope));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pack_positive_kernel<scalar_t><<<blocks_for(bits.numel()), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n, bits.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {x, bits};
+}
+
+at::Tensor pack_positive(const at::Tensor& t) {
+  c10::cuda::CUDAGuard guard(t.device());
+  at::Tensor bits = at::empty({kernels::packed_bytes(t.numel())}, t.options());
+  pack_positive_kernel<uint8_t><<<blocks_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      t.data_ptr<uint8_t>(), bits.data_ptr<uint8_t>(), t.numel(), bits.numel());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bits;
+}
+
+at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t mask_numel, double slope) {
+  c10::cuda::CUDAGuard guard(c.device());
+  at::Tensor out = at::empty_like(c);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(c.scalar_type(), "mask_multiply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mask_multiply_kernel<scalar_t, acc_t><<<blocks_for(c.numel()), kThreads, 0, stream>>>(
+        c.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), c.numel(), mask_numel,
+        static_cast<acc_t>(slope));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, const at::Tensor& bits,
+                                                           int64_t mask_numel, double slope, int64_t channels,
+                                                           int64_t inner) {
+  c10::cuda::CUDAGuard guard(c.device());
+  at::Tensor out = at::empty_like(c);
+  at::Tensor db = at::zeros({channels}, c.options().dtype(at::toOpMathType(c.scalar_type())));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(c.scalar_type(), "mask_multiply_bias_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mask_multiply_bias_grad_kernel<scalar_t, acc_t><<<blocks_for(c.numel()), kThreads, 0, stream>>>(
+        c.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), db.data_ptr<acc_t>(), c.numel(),
+        mask_numel, static_cast<acc_t>(slope), channels, inner);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, db.to(c.scalar_type())};
+}
+
+at::Tensor softmax_cotangent(const at::Tensor& x, const at::Tensor& v) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor zeta = at::empty_like(v);
+  const int64_t rows = v.size(0) * v.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(x.scalar_type(), "softmax_cotangent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    softmax_cotangent_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), zeta.data_ptr<scalar_t>(), rows, x.size(0), x.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return zeta;
+}
+
+void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor& eta) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(x.scalar_type(), "softmax_eta_accumulate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    softmax_eta_kernel<scalar_t, acc_t><<<blocks_for(x.size(0)), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), eta.data_ptr<acc_t>(), v.size(0),
+        x.size(0), x.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
+                             bool want_q0) {
+  c10::cuda::CUDAGuard guard(xi.device());
+  const int64_t k = xi.size(0), B = xi.size(1), n = xi.numel() / (k * B);
+  at::Tensor q0 = want_q0 ? at::empty_like(xi) : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  DBPROP_FLOATING_TYPES(xi.scalar_type(), "squared_norm_head", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    squared_norm_head_kernel<scalar_t, acc_t><<<blocks_for(k * B), kThreads, 0, stream>>>(
+        xi.data_ptr<scalar_t>(), want_q0 ? q0.data_ptr<scalar_t>() : nullptr, w.data_ptr<acc_t>(),
+        value.data_ptr<acc_t>(), k * B, B, n, static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return q0;
+}
+
+}  // namespace cuda
+}  // namespace dbprop
