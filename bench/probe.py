@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from bench.measure import _rss_peak_mb
+from bench.measure import peak_rss_mb, reset_peak_rss
 from bench.workloads import build_case
 
 
@@ -17,9 +17,9 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    base = _rss_peak_mb()
+    base = reset_peak_rss()
     fn()
-    result = {"rss_mb": max(0.0, _rss_peak_mb() - base)}
+    result = {"rss_mb": max(0.0, peak_rss_mb() - base)}
     if device.type == "cuda":
         torch.cuda.synchronize()
         result["cuda_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2 ** 20
