@@ -53,7 +53,8 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
     at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
     auto [xi, zetas] = backward(p, *s, zeta_L.reshape({k * B, C}), want_params);
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
-    at::Tensor q0 = squared_norm_head(xi3, scale, sample_weight, r.value, need_any);
+    at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), 0 /* squared norm */, scale, 0.0, sample_weight,
+                                             r.value, need_any, false));
     if (!need_any || !(want_params || softmax)) continue;
     at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
     if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)

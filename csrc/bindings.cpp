@@ -114,9 +114,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     dbprop::softmax_eta_accumulate(x, v, h, eta);
     return eta;
   });
-  m.def("squared_norm_head", [](const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor value,
-                                bool want_q0) {
-    at::Tensor q0 = dbprop::squared_norm_head(xi, scale, weight, value, want_q0);
-    return std::make_tuple(value, opt(q0));
-  });
+  m.def("penalty_head", [](const at::Tensor& xi, const OptTensor& x, int64_t kind, double p1, double p2,
+                           const at::Tensor& weight, at::Tensor value, bool want_q0, bool want_input_grad) {
+    auto [q0, gx] = dbprop::penalty_head(xi, x.value_or(at::Tensor()), kind, p1, p2, weight, value, want_q0,
+                                         want_input_grad);
+    return std::make_tuple(value, opt(q0), opt(gx));
+  }, "value (B,) += Σ_k p(ξ_k); returns (value, q_0, Σ_k ∂p/∂x) for penalty head `kind`.");
 }

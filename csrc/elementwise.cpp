@@ -104,17 +104,25 @@ void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::
   DBPROP_DISPATCH(x, softmax_eta_accumulate, x, v, h, eta);
 }
 
-at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
-                             bool want_q0) {
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::Tensor& x, int64_t kind, double p1,
+                                                double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
+                                                bool want_input_grad) {
   check_float(xi, "xi");
-  TORCH_CHECK(xi.dim() >= 3, "xi must have shape (k, B, ...), got ", xi.sizes());
+  TORCH_CHECK(xi.dim() == 3 && xi.size(0) > 0 && xi.size(1) > 0, "xi must have shape (k, B, N), got ", xi.sizes());
+  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown penalty head kind ", kind);
+  if (kind >= 3 || want_input_grad) {  // alignment and relevance read x
+    check_float(x, "x");
+    check_same(xi, x, "xi", "x");
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == xi.size(1) && x.size(1) == xi.size(2), "x must have shape (",
+                xi.size(1), ", ", xi.size(2), "), got ", x.sizes());
+  }
   check_float(weight, "sample_weight");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == xi.size(1), "sample_weight must have shape (",
-              xi.size(1), ",), got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == xi.size(1) && weight.device() == xi.device(),
+              "sample_weight must have shape (", xi.size(1), ",) on ", xi.device(), ", got ", weight.sizes());
   TORCH_CHECK(value.scalar_type() == at::toOpMathType(xi.scalar_type()) && value.dim() == 1 &&
-                  value.size(0) == xi.size(1) && value.is_contiguous(),
+                  value.size(0) == xi.size(1) && value.is_contiguous() && value.device() == xi.device(),
               "value must be a contiguous (", xi.size(1), ",) tensor of ", at::toOpMathType(xi.scalar_type()));
-  DBPROP_DISPATCH(xi, squared_norm_head, xi, scale, weight, value, want_q0);
+  DBPROP_DISPATCH(xi, penalty_head, xi, x, kind, p1, p2, weight, value, want_q0, want_input_grad);
 }
 
 }  // namespace dbprop

@@ -30,9 +30,12 @@ at::Tensor softmax_cotangent(const at::Tensor& x, const at::Tensor& v);
 // eta (B, C, accumulation dtype) += Σ_k (3.15)(x, v_k, h_k).
 void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor& eta);
 
-// Squared-norm head: value (B,) += s Σ_k ‖ξ_k‖², and q_0 = 2 s w ξ (if want_q0); xi (k, B, N), w (B,).
-at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
-                             bool want_q0);
+// Penalty head `kind` (kernels::HeadKind, parameters p1, p2) for xi (k, B, N), x (B, N; may be undefined for
+// heads that do not read it), weights w (B,): value (B,, accumulation dtype) += Σ_k p(ξ_k); returns q_0 = w ∇p
+// (k, B, N; if want_q0) and Σ_k w ∂p/∂x (B, N; if want_input_grad).
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::Tensor& x, int64_t kind, double p1,
+                                                double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
+                                                bool want_input_grad);
 
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
@@ -42,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, co
                                                            int64_t, int64_t);
 at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
 void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
-at::Tensor squared_norm_head(const at::Tensor&, double, const at::Tensor&, at::Tensor&, bool);
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                                                const at::Tensor&, at::Tensor&, bool, bool);
 }  // namespace cpu
 
 #ifdef WITH_CUDA
@@ -54,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, co
                                                            int64_t, int64_t);
 at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
 void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
-at::Tensor squared_norm_head(const at::Tensor&, double, const at::Tensor&, at::Tensor&, bool);
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                                                const at::Tensor&, at::Tensor&, bool, bool);
 }  // namespace cuda
 #endif
 

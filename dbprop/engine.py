@@ -87,16 +87,25 @@ def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[floa
         zeta_L = head.output_cotangent(v)                                      # ζ_L, (k, B, C)
         xi, zetas = P.backward(program, fp, zeta_L.flatten(0, 1), keep_zetas=bool(grads))
         xi = xi.unflatten(0, (kk, B))                                          # ξ_0, (k, B, ...)
-        value += head.value(xi, x).sum(0)
+        if P is native and head.native_head is not None:                     # p, q_0, ∂p/∂x in one kernel
+            want_direct = need_input_grad and head.native_head[0] >= 3
+            p, q0, direct = native.penalty_head(head, xi, x, w[0], need_any, want_direct)
+            value += p
+            if want_direct:
+                input_grad = _accumulate(input_grad, direct)
+        else:
+            value += head.value(xi, x).sum(0)
+            q0 = direct = None
         if not need_any:
             continue
         if head.has_loss:  # ∇θ ℓ = K□(ζ_j, x_{j-1}): w ζ_L joins η̂_L, one recursion carries both
             eta_L = _accumulate(eta_L, (_bcast(w, zeta_L) * zeta_L).sum(0))
-        q0 = head.q0(xi, x) * _bcast(w, xi)                                    # q_0 = w ∇p(ξ_0)
-        if need_input_grad:
-            direct = head.input_grad(xi, x)
-            if direct is not None:
-                input_grad = _accumulate(input_grad, (direct * _bcast(w, xi)).sum(0))
+        if q0 is None:
+            q0 = head.q0(xi, x) * _bcast(w, xi)                                # q_0 = w ∇p(ξ_0)
+            if need_input_grad:
+                direct = head.input_grad(xi, x)
+                if direct is not None:
+                    input_grad = _accumulate(input_grad, (direct * _bcast(w, xi)).sum(0))
         if grads or head.has_eta:
             h = P.backward_backward(program, fp, q0.flatten(0, 1), zetas, grads, need_h=head.has_eta)
             if head.has_eta:                                                   # η̂_L += Σ_i η_L^{(i)}

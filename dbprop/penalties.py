@@ -116,6 +116,11 @@ class Penalty:
         """``∂p/∂x`` at fixed ``ξ_0`` (``None`` when ``p`` does not depend on ``x`` directly)."""
         return None
 
+    # ---- the same head in the native kernels: (kind, p1, p2) of csrc/kernels/elementwise.h, or None
+    @property
+    def native_head(self):
+        return None
+
     # ---- a loss term ℓ(x_L) added to the penalty (double backprop only)
     def loss_value(self, o: Tensor) -> Tensor:
         raise NotImplementedError
@@ -144,6 +149,10 @@ class SquaredNorm(Penalty):
     """``p = s‖ξ_0‖²`` (``q_0 = 2sξ_0``)."""
 
     scale = 1.0
+
+    @property
+    def native_head(self):
+        return (0, self.scale, 0.0)
 
     def value(self, xi, x):
         return self.scale * _flat_sum(xi * xi)
@@ -207,6 +216,8 @@ class SpectralNorm(Penalty):
             raise ValueError(f"power_iterations must be an integer >= 1, got {power_iterations!r}")
         self.power_iterations = power_iterations
 
+    native_head = (1, 0.0, 0.0)
+
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)
         v = torch.randn_like(o)
@@ -250,6 +261,10 @@ class Relevance(_LabelledLogits):
             raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
         self.l1, self.l2 = float(l1), float(l2)
 
+    @property
+    def native_head(self):
+        return (4, self.l1, self.l2)
+
     def value(self, xi, x):
         r = x * xi
         return self.l1 * _flat_sum(r.abs()) + self.l2 * _flat_sum(r * r)
@@ -265,6 +280,8 @@ class Relevance(_LabelledLogits):
 
 class Alignment(_LabelledLogits):
     """Misalignment ``p = ‖x‖²‖ξ_0‖² − ⟨x, ξ_0⟩²`` (zero iff the saliency map is parallel to ``x``)."""
+
+    native_head = (3, 0.0, 0.0)
 
     def value(self, xi, x):
         x = x.unsqueeze(0)
@@ -285,6 +302,10 @@ class GradientNorm(Penalty):
     def __init__(self, center=1.0):
         super().__init__("logits")
         self.center = float(center)
+
+    @property
+    def native_head(self):
+        return (2, self.center, 0.0)
 
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)

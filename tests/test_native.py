@@ -111,7 +111,7 @@ def test_epilogue_bias_and_fused_bias_gradient(shape, channels, inner):
     torch.testing.assert_close(db, expected.sum(dims))
 
 
-def test_softmax_kernels_and_squared_norm_head():
+def test_softmax_kernels():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 6, generator=g, dtype=torch.float64)
     x = torch.softmax(z, -1)
@@ -119,11 +119,28 @@ def test_softmax_kernels_and_squared_norm_head():
     torch.testing.assert_close(_C.softmax_cotangent(x, v), P.softmax_adjoint(x, v))
     eta = _C.softmax_eta_accumulate(x, v, h, torch.zeros(4, 6, dtype=torch.float64))
     torch.testing.assert_close(eta, P.softmax_eta(x, v, h).sum(0))
+
+
+HEADS = {"squared-norm": lambda: P.JacobianFrobenius(), "spectral": lambda: P.SpectralNorm(),
+         "gradient-norm": lambda: P.GradientNorm(0.7), "alignment": lambda: P.Alignment(0),
+         "relevance": lambda: P.Relevance(0, 0.3, 1.1)}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_penalty_head_kernel_equals_python_head(name):
+    """p, q_0 = w∇p and Σ_k w ∂p/∂x of every penalty head in the native kernel, against dbprop.penalties."""
+    head = HEADS[name]()
+    g = torch.Generator().manual_seed(1)
     xi = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     w = torch.rand(4, generator=g, dtype=torch.float64)
-    value, q0 = _C.squared_norm_head(xi, 0.5, w, torch.zeros(4, dtype=torch.float64), True)
-    torch.testing.assert_close(value, 0.5 * xi.pow(2).sum((0, 2)))
-    torch.testing.assert_close(q0, xi * w[None, :, None])
+    kind, p1, p2 = head.native_head
+    value, q0, gx = _C.penalty_head(xi, x, kind, p1, p2, w, torch.zeros(4, dtype=torch.float64), True, True)
+    torch.testing.assert_close(value, head.value(xi, x).sum(0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(q0, head.q0(xi, x) * w[None, :, None], rtol=1e-12, atol=1e-14)
+    direct = head.input_grad(xi, x)
+    expected = torch.zeros_like(x) if direct is None else (direct * w[None, :, None]).sum(0)
+    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_native_checks_name_the_argument():
@@ -140,8 +157,11 @@ def test_native_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="must be contiguous"):
         _C.mask_multiply(torch.randn(10, 2, dtype=torch.float64)[:, 0], bits, 10, 0.0)
     with pytest.raises(RuntimeError, match="sample_weight must have shape"):
-        _C.squared_norm_head(torch.randn(1, 4, 3, dtype=torch.float64), 1.0, torch.ones(3, dtype=torch.float64),
-                             torch.zeros(4, dtype=torch.float64), True)
+        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, 0, 1.0, 0.0,
+                        torch.ones(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64), 3, 0.0,
+                        0.0, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
 
 
 def test_native_forward_rejects_empty_batch_and_mismatch():

@@ -131,27 +131,33 @@ void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::
   });
 }
 
-at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
-                             bool want_q0) {
-  const int64_t k = xi.size(0), B = xi.size(1), n = xi.numel() / (k * B);
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::Tensor& x, int64_t kind, double p1,
+                                                double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
+                                                bool want_input_grad) {
+  const int64_t k = xi.size(0), B = xi.size(1), n = xi.size(2);
   at::Tensor q0 = want_q0 ? at::empty_like(xi) : at::Tensor();
-  DBPROP_FLOATING_TYPES(xi.scalar_type(), "squared_norm_head", [&] {
+  const auto acc = at::toOpMathType(xi.scalar_type());
+  at::Tensor gx = want_input_grad ? at::zeros({B, n}, xi.options().dtype(acc)) : at::Tensor();
+  DBPROP_FLOATING_TYPES(xi.scalar_type(), "penalty_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    at::Tensor w = weight.to(acc).contiguous();
     const acc_t* wp = w.data_ptr<acc_t>();
-    const scalar_t* xp = xi.data_ptr<scalar_t>();
+    const scalar_t* xip = xi.data_ptr<scalar_t>();
+    const scalar_t* xp = x.defined() ? x.data_ptr<scalar_t>() : nullptr;
     scalar_t* qp = want_q0 ? q0.data_ptr<scalar_t>() : nullptr;
+    acc_t* gp = want_input_grad ? gx.data_ptr<acc_t>() : nullptr;
     acc_t* vp = value.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b)
+      for (int64_t b = lo; b < hi; ++b)  // one sample per task: value[b] and gx[b] have one writer
         for (int64_t i = 0; i < k; ++i) {
           const int64_t row = (i * B + b) * n;
-          vp[b] += kernels::squared_norm_head_row<scalar_t, acc_t>(xp + row, qp ? qp + row : nullptr, n,
-                                                                   static_cast<acc_t>(scale), wp[b]);
+          vp[b] += kernels::penalty_head_row<scalar_t, acc_t>(
+              static_cast<int>(kind), static_cast<acc_t>(p1), static_cast<acc_t>(p2), xip + row,
+              xp ? xp + b * n : nullptr, qp ? qp + row : nullptr, gp ? gp + b * n : nullptr, n, wp[b]);
         }
     });
   });
-  return q0;
+  return {q0, want_input_grad ? gx.to(xi.scalar_type()) : gx};
 }
 
 }  // namespace cpu

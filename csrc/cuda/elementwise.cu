@@ -71,13 +71,15 @@ __global__ void softmax_eta_kernel(const scalar_t* x, const scalar_t* v, const s
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void squared_norm_head_kernel(const scalar_t* xi, scalar_t* q0, const acc_t* w, acc_t* value, int64_t rows,
-                                         int64_t B, int64_t n, acc_t scale) {
-  GRID_STRIDE(r, rows) {
-    const int64_t b = r % B;
-    const acc_t p = kernels::squared_norm_head_row<scalar_t, acc_t>(xi + r * n, q0 ? q0 + r * n : nullptr, n, scale,
-                                                                    w[b]);
-    atomicAdd(value + b, p);
+__global__ void penalty_head_kernel(int kind, acc_t p1, acc_t p2, const scalar_t* xi, const scalar_t* x, scalar_t* q0,
+                                    acc_t* gx, const acc_t* w, acc_t* value, int64_t k, int64_t B, int64_t n) {
+  GRID_STRIDE(b, B) {  // one sample per thread: value[b] and gx[b] have one writer
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t row = (i * B + b) * n;
+      value[b] += kernels::penalty_head_row<scalar_t, acc_t>(kind, p1, p2, xi + row, x ? x + b * n : nullptr,
+                                                             q0 ? q0 + row : nullptr, gx ? gx + b * n : nullptr, n,
+                                                             w[b]);
+    }
   }
 }
 
@@ -173,21 +175,25 @@ void softmax_eta_accumulate(const at::Tensor& x, const at::Tensor& v, const at::
   });
 }
 
-at::Tensor squared_norm_head(const at::Tensor& xi, double scale, const at::Tensor& weight, at::Tensor& value,
-                             bool want_q0) {
+std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::Tensor& x, int64_t kind, double p1,
+                                                double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
+                                                bool want_input_grad) {
   c10::cuda::CUDAGuard guard(xi.device());
-  const int64_t k = xi.size(0), B = xi.size(1), n = xi.numel() / (k * B);
+  const int64_t k = xi.size(0), B = xi.size(1), n = xi.size(2);
   at::Tensor q0 = want_q0 ? at::empty_like(xi) : at::Tensor();
+  const auto acc = at::toOpMathType(xi.scalar_type());
+  at::Tensor gx = want_input_grad ? at::zeros({B, n}, xi.options().dtype(acc)) : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
-  DBPROP_FLOATING_TYPES(xi.scalar_type(), "squared_norm_head", [&] {
+  DBPROP_FLOATING_TYPES(xi.scalar_type(), "penalty_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    squared_norm_head_kernel<scalar_t, acc_t><<<blocks_for(k * B), kThreads, 0, stream>>>(
-        xi.data_ptr<scalar_t>(), want_q0 ? q0.data_ptr<scalar_t>() : nullptr, w.data_ptr<acc_t>(),
-        value.data_ptr<acc_t>(), k * B, B, n, static_cast<acc_t>(scale));
+    at::Tensor w = weight.to(acc).contiguous();
+    penalty_head_kernel<scalar_t, acc_t><<<blocks_for(B), kThreads, 0, stream>>>(
+        static_cast<int>(kind), static_cast<acc_t>(p1), static_cast<acc_t>(p2), xi.data_ptr<scalar_t>(),
+        x.defined() ? x.data_ptr<scalar_t>() : nullptr, want_q0 ? q0.data_ptr<scalar_t>() : nullptr,
+        want_input_grad ? gx.data_ptr<acc_t>() : nullptr, w.data_ptr<acc_t>(), value.data_ptr<acc_t>(), k, B, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return q0;
+  return {q0, want_input_grad ? gx.to(xi.scalar_type()) : gx};
 }
 
 }  // namespace cuda

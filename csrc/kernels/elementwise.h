@@ -3,6 +3,7 @@
 // packed mask bits) from plain pointers; `acc_t` is the accumulation type (float for half/bfloat16).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -109,18 +110,62 @@ DBPROP_HD void softmax_eta_accumulate(const scalar_t* x, const scalar_t* v, cons
   }
 }
 
-// Squared-norm head for one row (one direction of one sample, n input features):
-// p = s‖ξ‖² returned, q_0 = 2 s w ξ written (w the sample's weight), DESIGN.md §3.
+// Penalty heads (DESIGN.md §3) for one row: one direction of one sample, n input features, sample weight w.
+// Returns p(ξ_0); writes q_0 = w ∇p(ξ_0) (if q0) and adds w ∂p/∂x (if gx; the direct x-dependence of p).
+//   kSquaredNorm  p = s‖ξ‖²                         q_0 = 2sξ                            (params: s)
+//   kSpectral     p = ‖ξ‖                           q_0 = ξ/‖ξ‖                          (v held constant)
+//   kGradientNorm p = (‖ξ‖ − c)²                    q_0 = 2(‖ξ‖ − c) ξ/‖ξ‖               (params: c)
+//   kAlignment    p = ‖x‖²‖ξ‖² − ⟨x,ξ⟩²             q_0 = 2‖x‖²ξ − 2⟨x,ξ⟩x,  ∂p/∂x = 2‖ξ‖²x − 2⟨x,ξ⟩ξ
+//   kRelevance    p = λ1‖r‖₁ + λ2‖r‖², r = x⊙ξ      q_0 = x⊙(λ1 sign r + 2λ2 r), ∂p/∂x = ξ⊙(λ1 sign r + 2λ2 r)
+enum HeadKind : int { kSquaredNorm = 0, kSpectral = 1, kGradientNorm = 2, kAlignment = 3, kRelevance = 4 };
+
+template <typename acc_t>
+DBPROP_HD acc_t sign_of(acc_t v) { return v > acc_t(0) ? acc_t(1) : (v < acc_t(0) ? acc_t(-1) : acc_t(0)); }
+
 template <typename scalar_t, typename acc_t>
-DBPROP_HD acc_t squared_norm_head_row(const scalar_t* xi, scalar_t* q0, int64_t n, acc_t scale, acc_t weight) {
-  acc_t total = 0;
-  const acc_t factor = acc_t(2) * scale * weight;
+DBPROP_HD acc_t penalty_head_row(int kind, acc_t p1, acc_t p2, const scalar_t* xi, const scalar_t* x, scalar_t* q0,
+                                 acc_t* gx, int64_t n, acc_t w) {
+  acc_t xixi = 0, xxi = 0, xx = 0, r1 = 0, r2 = 0;  // ‖ξ‖², ⟨x,ξ⟩, ‖x‖², ‖r‖₁, ‖r‖²
   for (int64_t e = 0; e < n; ++e) {
-    const acc_t v = static_cast<acc_t>(xi[e]);
-    total += v * v;
-    if (q0 != nullptr) q0[e] = static_cast<scalar_t>(factor * v);
+    const acc_t a = static_cast<acc_t>(xi[e]);
+    const acc_t b = x ? static_cast<acc_t>(x[e]) : acc_t(0);
+    const acc_t r = a * b;
+    xixi += a * a;
+    xxi += r;
+    xx += b * b;
+    r1 += r < acc_t(0) ? -r : r;
+    r2 += r * r;
   }
-  return scale * total;
+  const acc_t norm = sqrt(xixi);
+  const acc_t inv = norm > acc_t(0) ? acc_t(1) / norm : acc_t(0);  // subgradient 0 at ξ = 0
+  acc_t p = 0, a_xi = 0, a_x = 0;  // q_0 = w (a_xi ξ + a_x x) for the non-relevance heads
+  acc_t g_x = 0, g_xi = 0;         // ∂p/∂x = w (g_x x + g_xi ξ)
+  switch (kind) {
+    case kSquaredNorm: p = p1 * xixi; a_xi = acc_t(2) * p1; break;
+    case kSpectral: p = norm; a_xi = inv; break;
+    case kGradientNorm: p = (norm - p1) * (norm - p1); a_xi = acc_t(2) * (norm - p1) * inv; break;
+    case kAlignment:
+      p = xx * xixi - xxi * xxi;
+      a_xi = acc_t(2) * xx;
+      a_x = acc_t(-2) * xxi;
+      g_x = acc_t(2) * xixi;
+      g_xi = acc_t(-2) * xxi;
+      break;
+    default: p = p1 * r1 + p2 * r2; break;  // kRelevance
+  }
+  for (int64_t e = 0; e < n; ++e) {
+    const acc_t a = static_cast<acc_t>(xi[e]);
+    const acc_t b = x ? static_cast<acc_t>(x[e]) : acc_t(0);
+    if (kind == kRelevance) {
+      const acc_t r = a * b, f = p1 * sign_of(r) + acc_t(2) * p2 * r;
+      if (q0) q0[e] = static_cast<scalar_t>(w * b * f);
+      if (gx) gx[e] += w * a * f;
+    } else {
+      if (q0) q0[e] = static_cast<scalar_t>(w * (a_xi * a + a_x * b));
+      if (gx) gx[e] += w * (g_x * b + g_xi * a);
+    }
+  }
+  return p;
 }
 
 }  // namespace kernels
