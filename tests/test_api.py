@@ -295,3 +295,18 @@ def test_bad_names():
         dbprop.DoubleBackpropLoss(model, 1.0, loss="hinge")
     with pytest.raises(ValueError, match="l1 and l2"):
         dbprop.RelevancePenalty(model, l1=-1.0)
+
+
+def test_missing_extension_warns_once_and_runs_python(monkeypatch):
+    from dbprop import backends
+    monkeypatch.setattr(backends, "_native", None)
+    monkeypatch.setattr(backends, "_warned_python", False)
+    assert not dbprop.native_available() and dbprop.backend_info()["auto"] == "python"
+    model, shape = build("mlp")
+    x = draw_input(model, shape)
+    with pytest.warns(RuntimeWarning, match="native extension dbprop._C is not built"):
+        value = F.jacobian_penalty(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.jacobian_penalty(model, x)  # one warning per process
+    torch.testing.assert_close(value, F.jacobian_penalty(model, x, backend="python"))
