@@ -127,7 +127,7 @@ def plot(points, path):
         ps = [p for p in points if p["contender"] == name]
         axes[0].plot([p["C"] for p in ps], [p["median_s"] for p in ps], "o-", label=name)
         axes[1].plot([p["C"] for p in ps], [p["peak_rss_mb"] for p in ps], "o-", label=name)
-    axes[0].set(xlabel="classes C", ylabel="time per step [s]", title="exact Jacobian penalty, WideCIFAR, B=32")
+    axes[0].set(xlabel="classes C", ylabel="time per step [s]", title="exact Jacobian penalty, WideCIFAR, B=32, CPU")
     axes[1].set(xlabel="classes C", ylabel="peak memory above baseline [MB]", title="peak memory")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -176,7 +176,12 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per contender")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--replot", metavar="JSON", help="only redraw jacobian_vs_C.png from a results file")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["versus_C"], os.path.join(args.out, "jacobian_vs_C.png"))
+        return
     if args.budget is None:
         args.budget = 0.5 if args.quick else 2.0
     device = torch.device(args.device)

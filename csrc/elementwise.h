@@ -37,29 +37,25 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                                                 double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
                                                 bool want_input_grad);
 
+// The per-device launchers behind the dispatchers above (same signatures).
+#define DBPROP_DECLARE_LAUNCHERS                                                                                  \
+  std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double); \
+  at::Tensor pack_positive(const at::Tensor&);                                                                     \
+  at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);                                 \
+  std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double, \
+                                                             int64_t, int64_t);                                    \
+  at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);                                              \
+  void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);               \
+  std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,   \
+                                                  const at::Tensor&, at::Tensor&, bool, bool);
+
 namespace cpu {
-std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
-at::Tensor pack_positive(const at::Tensor&);
-at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
-std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
-                                                           int64_t, int64_t);
-at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
-void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
-std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                                const at::Tensor&, at::Tensor&, bool, bool);
+DBPROP_DECLARE_LAUNCHERS
 }  // namespace cpu
 
 #ifdef WITH_CUDA
 namespace cuda {
-std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
-at::Tensor pack_positive(const at::Tensor&);
-at::Tensor mask_multiply(const at::Tensor&, const at::Tensor&, int64_t, double);
-std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor&, const at::Tensor&, int64_t, double,
-                                                           int64_t, int64_t);
-at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);
-void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);
-std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                                const at::Tensor&, at::Tensor&, bool, bool);
+DBPROP_DECLARE_LAUNCHERS
 }  // namespace cuda
 #endif
 
