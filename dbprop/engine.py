@@ -65,9 +65,9 @@ def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[floa
     w = torch.as_tensor(sample_weight, dtype=x.dtype, device=x.device).expand(B).reshape(1, B)
     if (backend == "native" and fp is None and not keep_fp and isinstance(head, JacobianFrobenius)
             and head.estimator == "exact"):  # Algorithm 4 in one native call
-        value, input_grad = native.jacobian_penalty(
-            program, x, head.output == "softmax", chunk_size or 0, DEFAULT_CHUNK_BUDGET_BYTES, None, 1.0, w[0].contiguous(), grads,
-            need_input_grad)
+        value, input_grad = native.jacobian_penalty(program, x, head.output == "softmax", chunk_size or 0,
+                                                    DEFAULT_CHUNK_BUDGET_BYTES, None, 1.0, w[0].contiguous(), grads,
+                                                    need_input_grad)
         return Result(value, grads.as_list() if grads else None, input_grad, None)
     P = native if backend == "native" else passes
     fbp = need_any and head.has_eta
@@ -88,7 +88,7 @@ def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[floa
         xi, zetas = P.backward(program, fp, zeta_L.flatten(0, 1), keep_zetas=bool(grads))
         xi = xi.unflatten(0, (kk, B))                                          # ξ_0, (k, B, ...)
         if P is native and head.native_head is not None:                     # p, q_0, ∂p/∂x in one kernel
-            want_direct = need_input_grad and head.native_head[0] >= 3
+            want_direct = need_input_grad and head.reads_x
             p, q0, direct = native.penalty_head(head, xi, x, w[0], need_any, want_direct)
             value += p
             if want_direct:

@@ -55,6 +55,7 @@ class Penalty:
     """Base class: the output map ``g_L`` and its terms for a constant direction ``v``."""
 
     has_loss = False
+    reads_x = False  # p depends on x directly (then input_grad is not None)
 
     def __init__(self, output: str = "logits") -> None:
         if output not in OUTPUTS:
@@ -238,7 +239,9 @@ class SpectralNorm(Penalty):
 
 
 class _LabelledLogits(Penalty):
-    """Penalties on ``ξ_0 = ∇x Ψ^{y}`` for the label ``y`` of each sample (logits output)."""
+    """Penalties on ``ξ_0 = ∇x Ψ^{y}`` for the label ``y`` of each sample (logits output), reading ``x``."""
+
+    reads_x = True
 
     def __init__(self, y):
         super().__init__("logits")
