@@ -6,7 +6,7 @@ of Etmann (2019), with the accumulated-eta algorithm for exact Jacobian penaltie
 """
 import torch  # noqa: F401  (must be imported before the native extension)
 
-from . import functional
+from . import analysis, functional
 from .backends import backend_info, native_available
 from .errors import UnsupportedModelError
 from .functional import FallbackWarning
@@ -18,4 +18,4 @@ __version__ = "0.1.0"
 
 __all__ = ["JacobianPenalty", "OutputGradientPenalty", "DoubleBackpropLoss", "SpectralNormPenalty",
            "RelevancePenalty", "AlignmentPenalty", "GradientPenalty", "functional", "compile_model", "Program",
-           "UnsupportedModelError", "FallbackWarning", "native_available", "backend_info", "__version__"]
+           "UnsupportedModelError", "FallbackWarning", "analysis", "native_available", "backend_info", "__version__"]
