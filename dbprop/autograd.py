@@ -54,7 +54,10 @@ class DoubleBackpropFunction(torch.autograd.Function):
             input_grad = None if ctx.input_grad is None else ctx.input_grad * scale
         else:
             g = grad_output
-            input_grad = None if ctx.input_grad is None else ctx.input_grad * g.view(-1, *([1] * (ctx.input_grad.dim() - 1)))
+            if ctx.input_grad is not None:
+                input_grad = ctx.input_grad * g.view(-1, *([1] * (ctx.input_grad.dim() - 1)))
+            else:
+                input_grad = None
             scale = g[0]
             if ctx.recompute is not None and not bool((g == g[0]).all()):
                 program, head, x, chunk_size, fp, backend = ctx.recompute

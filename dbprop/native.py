@@ -2,7 +2,7 @@
 call into ``dbprop._C`` over the whole program (so no Python runs per layer)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -56,8 +56,9 @@ def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chu
     returns ``(values, input_grad)``."""
     n = len(program.affine_indices)
     want_w, want_b = grads.per_affine()[:2] if grads is not None else ([False] * n, [False] * n)
-    value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget, directions, scale,
-                                                         sample_weight, want_w, want_b, need_input_grad)
+    value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget,
+                                                         directions, scale, sample_weight, want_w, want_b,
+                                                         need_input_grad)
     if grads is not None:
         grads.set_per_affine(gw, gb)
     return value, gx

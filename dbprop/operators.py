@@ -176,9 +176,10 @@ class Conv(Affine):
     def transpose(self, c: Tensor, saved: Any) -> Tensor:
         shape = list(saved[1])
         shape[0] = c.shape[0]
-        if self.explicit_pad is not None:
+        if self.explicit_pad is not None:  # F.pad order: (lo, hi) of the last dim first
             for i in range(self.dim):
-                shape[2 + i] += self.explicit_pad[2 * (self.dim - 1 - i)] + self.explicit_pad[2 * (self.dim - 1 - i) + 1]
+                lo, hi = self.explicit_pad[2 * (self.dim - 1 - i):2 * (self.dim - i)]
+                shape[2 + i] += lo + hi
         shape_only = c.new_empty(1).expand(shape)
         gx = self._backward(c, shape_only, (True, False, False))[0]
         if self.explicit_pad is not None:

@@ -1,7 +1,6 @@
 """Comparison helpers: dbprop versus autograd double backprop (the fallback, itself checked in test_reference)."""
 import torch
 
-import dbprop
 from dbprop import fallback
 from dbprop.autograd import reduce
 

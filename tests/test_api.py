@@ -9,7 +9,7 @@ import dbprop
 from dbprop import functional as F
 from dbprop import penalties as P
 
-from helpers import compare, grads_of, max_rel_err
+from helpers import compare, max_rel_err
 from nets import build, draw_input
 
 TOL = 1e-9

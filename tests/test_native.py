@@ -115,7 +115,7 @@ def test_softmax_kernels():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 6, generator=g, dtype=torch.float64)
     x = torch.softmax(z, -1)
-    v, h = torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    v, h = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64) for _ in range(2))
     torch.testing.assert_close(_C.softmax_cotangent(x, v), P.softmax_adjoint(x, v))
     eta = _C.softmax_eta_accumulate(x, v, h, torch.zeros(4, 6, dtype=torch.float64))
     torch.testing.assert_close(eta, P.softmax_eta(x, v, h).sum(0))

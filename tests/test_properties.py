@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import dbprop
 from dbprop import functional as F
 from dbprop import compile_model
 from dbprop.passes import backward, forward
