@@ -9,7 +9,7 @@
 namespace dbprop {
 
 // x = g(z + b) and the packed bits of a = [z + b > 0]; `bias` (per channel, may be undefined),
-// `channels`/`inner` as in kernels::forward_epilogue_byte. z must be contiguous.
+// element e takes bias channel (e / inner) % channels. z must be contiguous.
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,
                                                     int64_t inner, double slope);
 
