@@ -11,8 +11,10 @@ def main() -> None:
         import dbprop
         print(f"dbprop {dbprop.__version__}: {dbprop.backend_info()}")
     else:
-        print("usage: python -m dbprop demo [--epochs N] [--lam L] [--batch-size B] [--seed S]\n"
-              "       python -m dbprop info")
+        print("usage: python -m dbprop demo [--quick] [--epochs N] [--lambdas L,...] [--jacobian-lambda L]\n"
+              "                              [--attacks gradient,bim,cw|none] [--seed S] [--device D] [--out DIR]\n"
+              "       python -m dbprop info\n"
+              "(python -m dbprop demo --help lists every option)")
         sys.exit(0 if command in ("-h", "--help") else 2)
 
 
