@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ..analysis import saliency  # noqa: E402
@@ -82,12 +81,11 @@ def _saliency_grid(fig, test: Tuple[Tensor, Tensor], least, most) -> None:
     axes = fig.subplots(len(rows), len(picks), squeeze=False)
     for row, (title, images) in enumerate(rows):
         for col, ax in enumerate(axes[row]):
-            img = images[col, 0].detach().cpu()
+            img = images[col, 0].detach().cpu().double().numpy()
             if row == 0:
                 ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
             else:
-                ax.imshow(img / img.abs().max().clamp_min(torch.finfo(img.dtype).tiny), cmap="seismic", vmin=-1,
-                          vmax=1)
+                ax.imshow(img / max(abs(img).max(), 1e-300), cmap="seismic", vmin=-1, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
