@@ -34,8 +34,9 @@ def load_digits(seed: int, test_fraction: float = 0.25) -> Tuple[Tuple[Tensor, T
 
 
 def class_separation(data) -> float:
-    """Median over the test digits of half the L2 distance to the nearest training digit of another class: no
-    classifier that labels the training digits correctly has a larger robustness ρ than this at such a point."""
+    """Median over the test digits x of half the L2 distance to the nearest training digit x' of another class.
+    A classifier labelling both correctly has a boundary between them, so ρ(x) + ρ(x') ≤ ‖x − x'‖: it cannot make
+    both more robust than this half distance."""
     (x_train, y_train), (x_test, y_test) = data
     distance = torch.cdist(x_test.flatten(1), x_train.flatten(1))
     distance[y_test[:, None] == y_train[None]] = float("inf")

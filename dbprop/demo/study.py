@@ -193,9 +193,8 @@ def main(argv: Optional[list] = None) -> List[Run]:
         model = train(run, data, args.epochs, args.batch_size, args.seed, args.device)
         measure(run, model, data, args.attacks, args.attack_samples)
     separation = class_separation(data)
-    text = table(runs, args.attacks) + (f"\n\nMedian half distance from a test digit to the nearest training digit of "
-                                        f"another class (an upper bound on the median ρ at full training accuracy): "
-                                        f"{separation:.3f}")
+    text = table(runs, args.attacks) + ("\n\nClass separation (median over the test digits of half the distance to "
+                                        f"the nearest training digit of another class): {separation:.3f}")
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
