@@ -79,6 +79,10 @@ def test_bad_input_is_refused():
         A.empirical_robustness(model, x.clone().fill_(math.nan))
     with pytest.raises(ValueError, match="labels"):
         A.empirical_robustness(model, x, labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        A.empirical_robustness(model, x, labels=torch.full((10,), 2))
+    with pytest.raises(ValueError, match="logits of shape"):
+        A.empirical_robustness(nn.Sequential(nn.Flatten(), nn.Linear(12, 1)).double(), x)
     with pytest.raises(ValueError, match="increasing"):
         A.empirical_robustness(model, x, epsilons=[1.0, 0.5])
     with pytest.raises(ValueError, match="bounds"):

@@ -92,10 +92,15 @@ def empirical_robustness(model: nn.Module, x: Tensor, attack: Union[str, Any, Se
         fmodel = fb.PyTorchModel(model, bounds=(lo, hi), device=x.device)
         x = x.detach()
         with torch.no_grad():
-            predicted = model(x).argmax(1)
+            logits = model(x)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
+            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C >= 2), got {tuple(logits.shape)}")
+        predicted = logits.argmax(1)
         labels = predicted if labels is None else torch.as_tensor(labels, device=x.device)
-        if labels.shape != (x.shape[0],) or labels.is_floating_point():
+        if labels.shape != (x.shape[0],) or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},)")
+        if labels.min() < 0 or labels.max() >= logits.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
         rho = torch.where(predicted == labels, math.inf, 0.0).to(x.dtype)
         correct = torch.isinf(rho)                  # misclassified samples are at distance 0
         for a in attacks if correct.any() else ():

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..analysis import alignment, binarized_alignment, linearized_robustness
+from ..analysis import alignment, binarized_alignment, empirical_robustness, linearized_robustness
 from ..modules import DoubleBackpropLoss, JacobianPenalty
 from .data import class_separation, load_digits, thesis_network
 
@@ -104,14 +104,13 @@ def measure(run: Run, model: nn.Module, data, attacks: Sequence[str], attack_sam
     run.alignment = alignment(model, x_test).median().item()
     run.binarized_alignment = binarized_alignment(model, x_test).median().item()
     if attacks:
-        from ..analysis import empirical_robustness
         run.rho_measured = empirical_robustness(model, x_test[:attack_samples], list(attacks)).median().item()
     run.model = model
 
 
 def table(runs: List[Run], attacks: Sequence[str]) -> str:
     """The runs as a Markdown table."""
-    measured = f"median ρ ({'+'.join(attacks)})" if attacks else "median ρ (no foolbox)"
+    measured = f"median ρ ({'+'.join(attacks)})" if attacks else "median ρ (not measured)"
     head = ["run", "test accuracy", "median ρ̃", measured, "median α", "median α†", "ms/step"]
     rows = [[r.name, f"{r.accuracy:.4f}", f"{r.rho_linearized:.3f}", f"{r.rho_measured:.3f}", f"{r.alignment:.3f}",
              f"{r.binarized_alignment:.3f}", f"{r.ms_per_step:.1f}"] for r in runs]
