@@ -1,5 +1,5 @@
-"""Measurements: wall time (median and min after warm-up), FLOPs (dbprop.analysis.flops), peak memory (each
-contender in its own subprocess: peak RSS above the baseline, and torch.cuda.max_memory_allocated on a GPU)."""
+"""Measurements: wall time (median and min after warm-up) and peak memory (each contender in its own
+subprocess: peak RSS above the baseline, and torch.cuda.max_memory_allocated on a GPU). FLOPs: dbprop.analysis.flops."""
 import json
 import os
 import resource
@@ -9,8 +9,6 @@ import sys
 import time
 
 import torch
-
-from dbprop.analysis.flops import count_flops
 
 
 def _sync(device):
@@ -31,10 +29,6 @@ def wall_time(fn, device, warmup=1, min_repeats=3, max_repeats=15, budget_s=2.0)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), len(times)
-
-
-def flops(fn):
-    return count_flops(fn)
 
 
 def _status_mb(field):

@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dbprop  # noqa: E402
-from bench.measure import flops, peak_memory, wall_time  # noqa: E402
+from bench.measure import peak_memory, wall_time  # noqa: E402
 from bench.workloads import build_case  # noqa: E402
+from dbprop.analysis.flops import count_flops  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -68,7 +69,7 @@ def run_case(row, args, device):
     base = dict(network=net, batch=B, C=C, output=output, device=str(device), threads=torch.get_num_threads())
     plain_step, _ = build_case(dict(base, contender="h_plain_step"))
     plain_t, _, _ = wall_time(plain_step, device, budget_s=args.budget)
-    plain_f = flops(plain_step)
+    plain_f = count_flops(plain_step)
     plain_rate = plain_f / plain_t
     results, reference = [], None
     for name in names:
@@ -86,7 +87,7 @@ def run_case(row, args, device):
                 if not ok:
                     raise SystemExit(f"{name} disagrees with {reference[0]} on {row}: {err:.3g}")
         med, mn, n = wall_time(step, device, warmup=0 if checked else 1, budget_s=args.budget)
-        f = flops(step)
+        f = count_flops(step)
         entry.update(median_s=med, min_s=mn, repeats=n, gflop=f / 1e9, efficiency=(f / med) / plain_rate)
         if not args.no_memory:
             entry.update({f"peak_{k}": v for k, v in peak_memory(spec).items()})

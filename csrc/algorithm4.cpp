@@ -26,8 +26,9 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   TORCH_CHECK(o.dim() == 2, "the model output must have shape (batch, classes), got ", o.sizes());
   const int64_t B = o.size(0), C = o.size(1);
   const auto acc = at::toOpMathType(o.scalar_type());
-  TORCH_CHECK(sample_weight.dim() == 1 && sample_weight.size(0) == B && sample_weight.device() == o.device(), "sample_weight must have shape (", B,
-              ",), got ", sample_weight.sizes());
+  TORCH_CHECK(sample_weight.dim() == 1 && sample_weight.size(0) == B && sample_weight.device() == o.device(),
+              "sample_weight must have shape (", B, ",) on ", o.device(), ", got ", sample_weight.sizes(), " on ",
+              sample_weight.device());
   if (directions.defined())
     TORCH_CHECK(directions.dim() == 3 && directions.size(1) == B && directions.size(2) == C &&
                     directions.scalar_type() == o.scalar_type() && directions.device() == o.device(),
@@ -55,7 +56,7 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
     at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), 0 /* squared norm */, scale, 0.0, sample_weight,
                                              r.value, need_any, false));
-    if (!need_any || !(want_params || softmax)) continue;
+    if (!want_params && !fbp) continue;  // nothing downstream of q_0 is wanted
     at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
     if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)
   }

@@ -23,13 +23,13 @@ std::vector<at::Tensor> from_optional(const std::vector<OptTensor>& v) {
   return out;
 }
 
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
 std::vector<OptTensor> to_optional(const std::vector<at::Tensor>& v) {
   std::vector<OptTensor> out;
-  for (const auto& t : v) out.push_back(t.defined() ? OptTensor(t) : c10::nullopt);
+  for (const auto& t : v) out.push_back(opt(t));
   return out;
 }
-
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
 py::dict build_info() {
   py::dict info;
@@ -92,13 +92,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::make_tuple(opt(gamma0), to_optional(gw), to_optional(gb));
   });
   m.def("jacobian_penalty", [](const Program& p, const at::Tensor& x, bool softmax, int64_t chunk,
-                               int64_t chunk_budget_bytes, const OptTensor& directions, double scale, const at::Tensor& sample_weight,
-                               const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
-                               bool need_input_grad) {
+                               int64_t chunk_budget_bytes, const OptTensor& directions, double scale,
+                               const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
+                               const std::vector<bool>& want_bias, bool need_input_grad) {
     py::gil_scoped_release release;
     auto r = dbprop::jacobian_penalty(p, x, softmax, chunk, chunk_budget_bytes, directions.value_or(at::Tensor()),
-                                      scale, sample_weight,
-                                      want_weight, want_bias, need_input_grad);
+                                      scale, sample_weight, want_weight, want_bias, need_input_grad);
     return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x));
   }, "Algorithm 4: (values, weight grads, bias grads, input grad) of the Jacobian penalty.");
 

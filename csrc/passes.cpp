@@ -59,13 +59,20 @@ at::Tensor conv_transpose(const Op& op, const at::Tensor& w, const at::Tensor& c
   return g;
 }
 
+// ∇b = Σ c over all but the channel (or feature) dimension.
+at::Tensor bias_gradient(const Op& op, const at::Tensor& c) {
+  if (op.kind == OpKind::Linear) return c.reshape({-1, c.size(-1)}).sum(0);
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < c.dim(); ++d) dims.push_back(d);
+  return c.sum(dims);
+}
+
 // K□(x, c) for the weight (and Σ c for the bias when asked).
 std::tuple<at::Tensor, at::Tensor> weight_adjoint(const Op& op, const at::Tensor& w, const at::Tensor& x,
                                                   const at::Tensor& c, bool need_bias) {
   if (op.kind == OpKind::Linear) {
-    at::Tensor c2 = c.reshape({-1, c.size(-1)});
-    at::Tensor dw = c2.t().mm(x.reshape({-1, x.size(-1)}));
-    return {dw, need_bias ? c2.sum(0) : at::Tensor()};
+    at::Tensor dw = c.reshape({-1, c.size(-1)}).t().mm(x.reshape({-1, x.size(-1)}));
+    return {dw, need_bias ? bias_gradient(op, c) : at::Tensor()};
   }
   ConvArgs a(op);
   c10::optional<at::IntArrayRef> bias_sizes;
@@ -74,13 +81,6 @@ std::tuple<at::Tensor, at::Tensor> weight_adjoint(const Op& op, const at::Tensor
   auto r = at::convolution_backward(c, a.padded(x), w, bias_sizes, a.stride, a.padding, a.dilation, false, a.zeros(),
                                     a.groups, {false, true, need_bias});
   return {std::get<1>(r), need_bias ? std::get<2>(r) : at::Tensor()};
-}
-
-at::Tensor bias_gradient(const Op& op, const at::Tensor& c) {
-  if (op.kind == OpKind::Linear) return c.reshape({-1, c.size(-1)}).sum(0);
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < c.dim(); ++d) dims.push_back(d);
-  return c.sum(dims);
 }
 
 // The bias shaped to broadcast against an affine op's output z (per last dim, or per channel).

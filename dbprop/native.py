@@ -12,6 +12,15 @@ from .passes import ParamGrads
 from .program import Program
 
 
+def _per_affine(program: Program, grads: Optional[ParamGrads]):
+    """``(want_weight, want_bias, weight accumulators, bias accumulators)`` per affine op; nothing wanted
+    without ``grads``."""
+    if grads is not None:
+        return grads.per_affine()
+    n = len(program.affine_indices)
+    return [False] * n, [False] * n, [None] * n, [None] * n
+
+
 def forward(program: Program, x: Tensor, keep_inputs: bool):
     return native_module().forward(program.native(), x, keep_inputs)
 
@@ -22,11 +31,7 @@ def backward(program: Program, fp, zeta_L: Tensor, keep_zetas: bool):
 
 def backward_backward(program: Program, fp, q0: Tensor, zetas, theta_hat: Optional[ParamGrads],
                       need_h: bool) -> Optional[Tensor]:
-    n = len(program.affine_indices)
-    if theta_hat is not None:
-        want_w, _, acc_w, _ = theta_hat.per_affine()
-    else:
-        want_w, acc_w = [False] * n, [None] * n
+    want_w, _, acc_w, _ = _per_affine(program, theta_hat)
     if isinstance(zetas, dict):  # no ζ kept (tangent pass)
         zetas = [zetas.get(i) for i in range(len(program.ops))]
     h, acc_w = native_module().backward_backward(program.native(), fp, q0, zetas, acc_w, want_w, need_h)
@@ -37,11 +42,7 @@ def backward_backward(program: Program, fp, q0: Tensor, zetas, theta_hat: Option
 
 def forward_backward(program: Program, fp, eta_L: Tensor, grads: Optional[ParamGrads],
                      need_input_grad: bool) -> Optional[Tensor]:
-    n = len(program.affine_indices)
-    if grads is not None:
-        want_w, want_b, acc_w, acc_b = grads.per_affine()
-    else:
-        want_w, want_b, acc_w, acc_b = [False] * n, [False] * n, [None] * n, [None] * n
+    want_w, want_b, acc_w, acc_b = _per_affine(program, grads)
     gamma0, acc_w, acc_b = native_module().forward_backward(program.native(), fp, eta_L.contiguous(), acc_w, acc_b,
                                                             want_w, want_b, need_input_grad)
     if grads is not None:
@@ -54,8 +55,7 @@ def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chu
                      need_input_grad: bool):
     """Algorithm 4 in one native call (``chunk=0``: sized to ``chunk_budget`` bytes); fills ``grads`` and
     returns ``(values, input_grad)``."""
-    n = len(program.affine_indices)
-    want_w, want_b = grads.per_affine()[:2] if grads is not None else ([False] * n, [False] * n)
+    want_w, want_b, _, _ = _per_affine(program, grads)
     value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget,
                                                          directions, scale, sample_weight, want_w, want_b,
                                                          need_input_grad)

@@ -261,22 +261,26 @@ class Dropout(Routing):
     transpose = linear
 
 
+def _as_2d(value, one_d: bool, height: int = 1) -> List[int]:
+    """A pool's kernel / stride / padding / dilation as ``[height, width]``: 1-d pools run as 2-d pools of
+    height 1 (``height`` is 0 for padding)."""
+    v = list(value) if isinstance(value, (tuple, list)) else [value]
+    return [height, v[0]] if one_d else (v if len(v) == 2 else v * 2)
+
+
 class MaxPool(Routing):
     """Max-pool as routing through the saved argmax indices: ``R q`` gathers, ``Rᵀ c`` scatter-adds."""
 
     def __init__(self, module, name):
         super().__init__(module, name)
-        self.pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+        self.one_d = isinstance(module, nn.MaxPool1d)
+        self.pool = F.max_pool1d if self.one_d else F.max_pool2d
 
     def descriptor(self):
-        m = self.module
-        two = (lambda v: [1, v[0]] if isinstance(v, (tuple, list)) else [1, v]) if self.pool is F.max_pool1d else \
-            (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
+        m, one_d = self.module, self.one_d
         stride = m.stride if m.stride is not None else m.kernel_size
-        padding = [0, *(m.padding if isinstance(m.padding, (tuple, list)) else [m.padding])] \
-            if self.pool is F.max_pool1d else two(m.padding)
-        return (3, [int(self.pool is F.max_pool1d), *two(m.kernel_size), *two(stride), *padding, *two(m.dilation),
-                    int(m.ceil_mode)], [])
+        return (3, [int(one_d), *_as_2d(m.kernel_size, one_d), *_as_2d(stride, one_d), *_as_2d(m.padding, one_d, 0),
+                    *_as_2d(m.dilation, one_d), int(m.ceil_mode)], [])
 
     def forward(self, x, keep_input):
         m = self.module
@@ -305,10 +309,9 @@ class AvgPool(Routing):
         super().__init__(module, name)
         m = module
         self.one_d = isinstance(m, nn.AvgPool1d)
-        as2 = (lambda v: [1, v[0]]) if self.one_d else (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
-        self.kernel = as2(m.kernel_size)
-        self.stride = as2(m.stride if m.stride is not None else m.kernel_size)
-        self.padding = [0, m.padding[0]] if self.one_d else as2(m.padding)
+        self.kernel = _as_2d(m.kernel_size, self.one_d)
+        self.stride = _as_2d(m.stride if m.stride is not None else m.kernel_size, self.one_d)
+        self.padding = _as_2d(m.padding, self.one_d, 0)
         self.divisor = None if self.one_d else m.divisor_override
 
     def descriptor(self):

@@ -67,16 +67,22 @@ def saliency(model: nn.Module, x: Tensor, target: Optional[Tensor] = None, backe
 
 def alignment(model: nn.Module, x: Tensor, backend: str = "auto") -> Tensor:
     """``α(x) = |⟨x, g⟩| / ‖g‖`` with ``g = ∇x Ψ^{F(x)}`` (0 where ``g = 0``)."""
-    g = saliency(model, x, backend=backend)
-    return _ratio(_flat(x[None])[0].mul(_flat(g[None])[0]).sum(-1).abs(), _flat(g[None])[0].norm(dim=-1))
+    return _projection_length(x, saliency(model, x, backend=backend))
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
+def _projection_length(x: Tensor, g: Tensor) -> Tensor:
+    """``|⟨x, g⟩| / ‖g‖`` per sample (0 where ``g = 0``)."""
+    x, g = x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1)
+    return _ratio((x * g).sum(-1).abs(), g.norm(dim=-1))
+
+
 def _runner_up(model, x, backend):
-    """Ψ, i*, g^{i*} − g^j for every j, and the linearised distances to each decision boundary."""
+    """``G``, ``i*`` and the linearised distances ``(Ψ^{i*} − Ψ^j) / ‖g^{i*} − g^j‖`` to every decision boundary
+    (``inf`` for ``j = i*``), ``(C, B)``."""
     logits, G = logits_and_input_gradients(model, x, backend=backend)
     B, C = logits.shape
     if C < 2:
@@ -87,22 +93,21 @@ def _runner_up(model, x, backend):
     dg = _flat(G[i_star, b][None] - G)                                          # (C, B, N)
     dist = _ratio(gap, dg.norm(dim=-1))
     dist[i_star, b] = float("inf")
-    return logits, G, i_star, dist
+    return G, i_star, dist
 
 
 def linearized_robustness(model: nn.Module, x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``ρ̃(x) = min_{j≠i*} (Ψ^{i*} − Ψ^j) / ‖∇Ψ^{i*} − ∇Ψ^j‖`` and the minimising class ``j*``."""
-    _, _, _, dist = _runner_up(model, x, backend)
+    _, _, dist = _runner_up(model, x, backend)
     rho, j_star = dist.min(0)
     return rho, j_star
 
 
 def binarized_alignment(model: nn.Module, x: Tensor, backend: str = "auto") -> Tensor:
     """``α†(x) = |⟨x, g†⟩| / ‖g†‖`` with ``g† = ∇(Ψ^{i*} − Ψ^{j*})``."""
-    _, G, i_star, dist = _runner_up(model, x, backend)
+    G, i_star, dist = _runner_up(model, x, backend)
     b = torch.arange(x.shape[0], device=x.device)
-    g = _flat((G[i_star, b] - G[dist.argmin(0), b])[None])[0]
-    return _ratio((_flat(x[None])[0] * g).sum(-1).abs(), g.norm(dim=-1))
+    return _projection_length(x, G[i_star, b] - G[dist.argmin(0), b])
 
 
 def homogeneous_decomposition(model: nn.Module, x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
