@@ -107,6 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return dbprop::forward_epilogue(z, bias.value_or(at::Tensor()), channels, inner, slope);
   });
   m.def("mask_multiply", &dbprop::mask_multiply);
+  m.def("pack_positive", &dbprop::pack_positive);
   m.def("mask_multiply_bias_grad", &dbprop::mask_multiply_bias_grad);
   m.def("softmax_cotangent", &dbprop::softmax_cotangent);
   m.def("softmax_eta_accumulate", [](const at::Tensor& x, const at::Tensor& v, const at::Tensor& h, at::Tensor eta) {
@@ -119,4 +120,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                          want_input_grad);
     return std::make_tuple(value, opt(q0), opt(gx));
   }, "value (B,) += Σ_k p(ξ_k); returns (value, q_0, Σ_k ∂p/∂x) for penalty head `kind`.");
+
+  // smooth activations (csrc/kernels/activations.h), selected by name; only C++ knows the kind numbers
+  m.def("activation_names", &dbprop::activation_names, "Names of the smooth activations, in table order.");
+  m.def("activation_derivative_multiply", [](const at::Tensor& c, const at::Tensor& z, const std::string& name,
+                                             double p1, double p2) {
+    return dbprop::activation_derivative_multiply(c, z, dbprop::activation_kind(name), p1, p2);
+  }, "g'(z) ⊙ c, c holding k stacked copies of z; shape and dtype of c.", py::arg("c"), py::arg("z"),
+        py::arg("name"), py::arg("p1"), py::arg("p2"));
+  m.def("activation_source", [](const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z,
+                                const std::string& name, double p1, double p2) {
+    return dbprop::activation_source(xi, q, z, dbprop::activation_kind(name), p1, p2);
+  }, "Σ over the k stacked copies of g''(z) ⊙ ξ ⊙ q; shape and dtype of z.", py::arg("xi"), py::arg("q"),
+        py::arg("z"), py::arg("name"), py::arg("p1"), py::arg("p2"));
 }

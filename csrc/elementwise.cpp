@@ -1,6 +1,8 @@
 // Argument checks (TORCH_CHECK, naming the argument) and device dispatch of the element kernels.
 #include "elementwise.h"
 
+#include "kernels/activations.h"
+
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
@@ -26,6 +28,21 @@ void check_bits(const at::Tensor& bits, const at::Tensor& c, int64_t mask_numel)
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* na, const char* nb) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), na, " is ", a.scalar_type(), " but ", nb, " is ", b.scalar_type());
   TORCH_CHECK(a.device() == b.device(), na, " is on ", a.device(), " but ", nb, " is on ", b.device());
+}
+
+// z and a tensor t of k >= 1 stacked copies of z (the activation kernels).
+void check_copies(const at::Tensor& t, const at::Tensor& z, const char* name) {
+  check_float(t, name);
+  check_same(t, z, name, "z");
+  TORCH_CHECK(t.numel() > 0 && t.numel() % z.numel() == 0, name, " of ", t.numel(),
+              " elements is not a whole positive number of copies of z (", z.numel(), " elements)");
+}
+
+void check_activation(const at::Tensor& z, int64_t kind) {
+  check_float(z, "z");
+  TORCH_CHECK(z.numel() > 0, "z is empty (empty batches are rejected)");
+  TORCH_CHECK(kind >= 0 && kind < kernels::kNumActivations, "unknown activation kind ", kind, " (0 to ",
+              kernels::kNumActivations - 1, ")");
 }
 
 }  // namespace
@@ -123,6 +140,39 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                   value.size(0) == xi.size(1) && value.is_contiguous() && value.device() == xi.device(),
               "value must be a contiguous (", xi.size(1), ",) tensor of ", at::toOpMathType(xi.scalar_type()));
   DBPROP_DISPATCH(xi, penalty_head, xi, x, kind, p1, p2, weight, value, want_q0, want_input_grad);
+}
+
+int64_t activation_kind(const std::string& name) {
+  const std::vector<std::string> names = activation_names();
+  std::string known;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == name) return static_cast<int64_t>(i);
+    known += (i ? ", " : "") + names[i];
+  }
+  TORCH_CHECK(false, "unknown activation '", name, "'; known smooth activations: ", known);
+  return -1;
+}
+
+std::vector<std::string> activation_names() {
+#define DBPROP_ACTIVATION_NAME(id, name, Act) name,
+  return {DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_NAME)};
+#undef DBPROP_ACTIVATION_NAME
+}
+
+at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor& z, int64_t kind, double p1,
+                                          double p2) {
+  check_activation(z, kind);
+  check_copies(c, z, "cotangent");
+  DBPROP_DISPATCH(c, activation_derivative_multiply, c, z, kind, p1, p2);
+}
+
+at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, int64_t kind, double p1,
+                             double p2) {
+  check_activation(z, kind);
+  check_copies(xi, z, "xi");
+  check_copies(q, z, "q");
+  TORCH_CHECK(xi.numel() == q.numel(), "xi has ", xi.numel(), " elements but q has ", q.numel());
+  DBPROP_DISPATCH(z, activation_source, xi, q, z, kind, p1, p2);
 }
 
 }  // namespace dbprop

@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace dbprop {
 
@@ -37,6 +39,21 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                                                 double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
                                                 bool want_input_grad);
 
+// Smooth activations (csrc/kernels/activations.h): the kind number of a name (TORCH_CHECK on unknown names)
+// and all names in table order (kind i is activation_names()[i]).
+int64_t activation_kind(const std::string& name);
+std::vector<std::string> activation_names();
+
+// g'(z) ⊙ c for activation `kind` (parameters p1, p2), c holding k stacked copies of z (element e of c uses
+// z[e % z.numel()]); shape and dtype of c.
+at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor& z, int64_t kind, double p1,
+                                          double p2);
+
+// Σ over the k stacked copies of g''(z) ⊙ ξ ⊙ q (ξ and q each hold k copies of z), summed in the op-math type
+// without atomics (one writer per element of z); shape and dtype of z.
+at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, int64_t kind, double p1,
+                             double p2);
+
 // The per-device launchers behind the dispatchers above (same signatures).
 #define DBPROP_DECLARE_LAUNCHERS                                                                                  \
   std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double); \
@@ -47,7 +64,9 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
   at::Tensor softmax_cotangent(const at::Tensor&, const at::Tensor&);                                              \
   void softmax_eta_accumulate(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&);               \
   std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,   \
-                                                  const at::Tensor&, at::Tensor&, bool, bool);
+                                                  const at::Tensor&, at::Tensor&, bool, bool);                     \
+  at::Tensor activation_derivative_multiply(const at::Tensor&, const at::Tensor&, int64_t, double, double);        \
+  at::Tensor activation_source(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double);
 
 namespace cpu {
 DBPROP_DECLARE_LAUNCHERS

@@ -1,5 +1,5 @@
 // The four passes over a stage program (DESIGN.md §2), each one native call over all ops.
-// Mirrors dbprop/passes.py and dbprop/operators.py (the readable reference) op for op.
+// Mirrors dbprop/passes.py and dbprop/nodes.py (the readable reference) node for node on chains.
 #include "program.h"
 
 #include "elementwise.h"
@@ -81,14 +81,6 @@ std::tuple<at::Tensor, at::Tensor> weight_adjoint(const Op& op, const at::Tensor
   auto r = at::convolution_backward(c, a.padded(x), w, bias_sizes, a.stride, a.padding, a.dilation, false, a.zeros(),
                                     a.groups, {false, true, need_bias});
   return {std::get<1>(r), need_bias ? std::get<2>(r) : at::Tensor()};
-}
-
-// The bias shaped to broadcast against an affine op's output z (per last dim, or per channel).
-at::Tensor bias_view(const Op& op, const at::Tensor& b, const at::Tensor& z) {
-  if (op.kind == OpKind::Linear) return b;
-  std::vector<int64_t> shape(z.dim() - 1, 1);
-  shape[0] = -1;
-  return b.view(shape);
 }
 
 // channels / inner of an affine op's output (bias broadcast layout).
@@ -185,6 +177,16 @@ at::Tensor apply_transpose(const Program& p, const ForwardState& s, size_t i, co
 
 }  // namespace
 
+OpKind op_kind(const std::string& name) {
+#define DBPROP_MATCH(e, str) \
+  if (name == str) return OpKind::e;
+  DBPROP_CHAIN_KINDS(DBPROP_MATCH)
+#undef DBPROP_MATCH
+#define DBPROP_LIST(e, str) " " str
+  TORCH_CHECK(false, "unknown op kind '", name, "'; the native chain driver knows:" DBPROP_CHAIN_KINDS(DBPROP_LIST));
+#undef DBPROP_LIST
+}
+
 Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::Tensor> w,
                  const std::vector<c10::optional<at::Tensor>>& b)
     : weights(std::move(w)) {
@@ -192,8 +194,7 @@ Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::T
   int64_t affine = 0;
   for (size_t i = 0; i < descriptors.size(); ++i) {
     const auto& [kind, ints, floats] = descriptors[i];
-    TORCH_CHECK(kind >= 0 && kind <= 7, "op ", i, ": unknown kind ", kind);
-    Op op{static_cast<OpKind>(kind), ints, floats};
+    Op op{op_kind(kind), ints, floats};
     if (op.kind == OpKind::Linear || op.kind == OpKind::Conv) {
       TORCH_CHECK(affine < static_cast<int64_t>(weights.size()), "op ", i, ": more affine ops than weights");
       op.affine = affine++;
@@ -239,18 +240,25 @@ std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input,
     at::Tensor y;
     if (p.is_affine(i)) {
       if (keep_inputs) s->inputs[i] = x;
-      at::Tensor z = apply_linear(p, *s, i, x);
+      // z = K x + b with the bias inside the ATen call, rounded once: exactly what the module computes
+      const at::Tensor& w = p.weights[op.affine];
       const at::Tensor& b = p.biases[op.affine];
-      if (i + 1 < n && p.ops[i + 1].kind == OpKind::Activation) {  // fused epilogue: bias + g + bits
-        auto [channels, inner] = channel_layout(op, z);
+      at::Tensor z;
+      if (op.kind == OpKind::Linear) {
+        z = at::linear(x, w, b);
+      } else {
+        ConvArgs a(op);
+        z = at::convolution(a.padded(x), w, b, a.stride, a.padding, a.dilation, false, a.zeros(), a.groups);
+      }
+      if (i + 1 < n && p.ops[i + 1].kind == OpKind::Activation) {  // fused epilogue: g + bits
         s->out_shapes[i] = z.sizes().vec();
         s->in_shapes[i + 1] = z.sizes().vec();
-        std::tie(y, s->bits[i + 1]) = forward_epilogue(z.contiguous(), b, channels, inner, slope_of(p.ops[i + 1]));
+        std::tie(y, s->bits[i + 1]) = forward_epilogue(z.contiguous(), at::Tensor(), 1, 1, slope_of(p.ops[i + 1]));
         s->mask_numel[i + 1] = z.numel();
         s->numel_per_sample += z[0].numel();
         ++i;
       } else {
-        y = b.defined() ? z + bias_view(op, b, z) : z;
+        y = z;
       }
     } else if (op.kind == OpKind::Activation) {
       std::tie(y, s->bits[i]) = forward_epilogue(x.contiguous(), at::Tensor(), 1, 1, slope_of(op));

@@ -6,16 +6,33 @@
 #include <c10/util/Optional.h>
 
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace dbprop {
 
-enum class OpKind : int64_t { Linear = 0, Conv = 1, Activation = 2, MaxPool = 3, AvgPool = 4, Flatten = 5,
-                              Dropout = 6, Identity = 7 };
+// The node kinds the native chain driver runs, and the names Python uses for them (dbprop/nodes.py
+// `descriptor()`): the one place where a kind name meets its enum value.
+#define DBPROP_CHAIN_KINDS(X) \
+  X(Linear, "linear")         \
+  X(Conv, "conv")             \
+  X(Activation, "activation") \
+  X(MaxPool, "maxpool")       \
+  X(AvgPool, "avgpool")       \
+  X(Flatten, "flatten")       \
+  X(Dropout, "dropout")       \
+  X(Identity, "identity")
 
-// Python encodes each op as (kind, ints, floats); see dbprop/operators.py `descriptor()`.
-using OpDescriptor = std::tuple<int64_t, std::vector<int64_t>, std::vector<double>>;
+#define DBPROP_ENUM_ENTRY(name, str) name,
+enum class OpKind : int64_t { DBPROP_CHAIN_KINDS(DBPROP_ENUM_ENTRY) };
+#undef DBPROP_ENUM_ENTRY
+
+// The kind named `name` (TORCH_CHECK on unknown names).
+OpKind op_kind(const std::string& name);
+
+// Python encodes each op as (kind name, ints, floats).
+using OpDescriptor = std::tuple<std::string, std::vector<int64_t>, std::vector<double>>;
 
 struct Op {
   OpKind kind;

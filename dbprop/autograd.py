@@ -31,14 +31,15 @@ class DoubleBackpropFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, x: Tensor, *params: Tensor) -> Tensor:
-        program, head, reduction, chunk_size, backend = spec
+        program, head, reduction, chunk_size, backend, update_stats = spec
         B = x.shape[0]
         need_x = ctx.needs_input_grad[1]
         need_params = any(ctx.needs_input_grad[2:])
         weight = 1.0 / B if reduction == "mean" else 1.0
         keep_fp = reduction == "none" and need_params  # for an exact recompute with non-uniform weights
         result = engine.run(program, head, x, sample_weight=weight, need_param_grads=need_params,
-                            need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend)
+                            need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend,
+                            update_stats=update_stats)
         ctx.reduction = reduction
         ctx.param_grads = result.param_grads or [None] * len(params)
         ctx.input_grad = result.input_grad
@@ -69,9 +70,11 @@ class DoubleBackpropFunction(torch.autograd.Function):
 
 
 def evaluate(program: Program, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int],
-             backend: str = "python") -> Tensor:
-    """The penalty through the passes: a plain value when no gradient is wanted, else via the Function."""
+             backend: str = "python", update_stats: bool = False) -> Tensor:
+    """The penalty through the passes: a plain value when no gradient is wanted, else via the Function.
+    ``update_stats``: BatchNorm running statistics are updated as by one ``model(x)`` call."""
     params = program.parameters()
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return DoubleBackpropFunction.apply((program, head, reduction, chunk_size, backend), x, *params)
-    return reduce(engine.run(program, head, x, chunk_size=chunk_size, backend=backend).value, reduction)
+        return DoubleBackpropFunction.apply((program, head, reduction, chunk_size, backend, update_stats), x, *params)
+    return reduce(engine.run(program, head, x, chunk_size=chunk_size, backend=backend,
+                             update_stats=update_stats).value, reduction)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import native, passes
+from .nodes import PythonKernels
 from .passes import ForwardState, ParamGrads
 from .penalties import JacobianFrobenius, Penalty, _bcast
 from .program import Program
@@ -29,14 +30,22 @@ class Result:
 class PassJacobian:
     """``vjp``/``jvp`` of the model's output map through the passes (for power iterations)."""
 
-    def __init__(self, P, program: Program, fp: ForwardState, head: Penalty) -> None:
-        self.P, self.program, self.fp, self.head = P, program, fp, head
+    def __init__(self, P, fp, head: Penalty) -> None:
+        self.P, self.fp, self.head = P, fp, head
 
     def vjp(self, v: Tensor) -> Tensor:
-        return self.P.backward(self.program, self.fp, self.head.output_cotangent(v), keep_zetas=False)[0]
+        return self.P.backward(self.fp, self.head.output_cotangent(v), keep=False)[0]
 
     def jvp(self, u: Tensor) -> Tensor:
-        return self.head.output_tangent(self.P.backward_backward(self.program, self.fp, u, {}, None, need_h=True))
+        return self.head.output_tangent(self.P.backward_backward(self.fp, u, {}, None, None, need_h=True))
+
+
+def make_passes(program: Program, backend: str):
+    """The pass driver for ``backend``: the native chain driver (one C++ call per pass) for plain chains of
+    its kinds, else the DAG driver with the native or the Python element kernels."""
+    if backend == "native":
+        return native.ChainPasses(program) if program.native_chain else passes.Passes(program, native.NativeKernels())
+    return passes.Passes(program, PythonKernels())
 
 
 def default_chunk_size(fp: ForwardState, num_directions: int, batch: int) -> int:
@@ -52,42 +61,46 @@ def _accumulate(total: Optional[Tensor], term: Tensor) -> Tensor:
 @torch.no_grad()
 def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[float, Tensor] = 1.0,
         need_param_grads: bool = False, need_input_grad: bool = False, chunk_size: Optional[int] = None,
-        fp: Optional[ForwardState] = None, keep_fp: bool = False, backend: str = "python") -> Result:
-    """Per-sample penalty values and, if asked, the gradients of ``Σ_b w_b R_b``.
+        fp: Optional[ForwardState] = None, keep_fp: bool = False, backend: str = "python",
+        update_stats: bool = False) -> Result:
+    """Per-sample penalty values and, if asked, the gradients of ``Σ_b w_b R_b`` (docs/maths.md §6).
 
     ``sample_weight`` ``w`` scales ``q_0`` (and the loss cotangent) per sample; parameter gradients are
     summed over the batch, the input gradient stays per sample. ``fp`` reuses an earlier forward pass;
-    ``keep_fp`` asks for the forward state in the result. ``backend``: "python" or "native" passes.
+    ``keep_fp`` asks for the forward state in the result. ``backend``: "python" or "native".
+    ``update_stats``: the forward pass updates BatchNorm running statistics as ``model(x)`` would.
     """
     need_any = need_param_grads or need_input_grad
     grads = ParamGrads(program) if need_param_grads else None
     B = x.shape[0]
     w = torch.as_tensor(sample_weight, dtype=x.dtype, device=x.device).expand(B).reshape(1, B)
-    if (backend == "native" and fp is None and not keep_fp and isinstance(head, JacobianFrobenius)
-            and head.estimator == "exact"):  # Algorithm 4 in one native call
+    if (backend == "native" and program.native_chain and fp is None and not keep_fp
+            and isinstance(head, JacobianFrobenius) and head.estimator == "exact"):  # Algorithm 4 in one call
         value, input_grad = native.jacobian_penalty(program, x, head.output == "softmax", chunk_size or 0,
                                                     DEFAULT_CHUNK_BUDGET_BYTES, None, 1.0, w[0].contiguous(), grads,
                                                     need_input_grad)
         return Result(value, grads.as_list() if grads else None, input_grad, None)
-    P = native if backend == "native" else passes
-    fbp = need_any and head.has_eta
+    P = make_passes(program, backend)
+    fbp = need_any and (head.has_eta or program.has_sources)  # η ≢ 0: one forward-backward pass
     if fp is None:
-        fp = P.forward(program, x, keep_inputs=fbp and bool(grads))
+        fp = P.forward(x, keep_inputs=fbp and bool(grads), update_stats=update_stats)
     o = fp.output
     if not head.ready:
-        head.setup(o, x, PassJacobian(P, program, fp, head))
+        head.setup(o, x, PassJacobian(P, fp, head))
     value = head.loss_value(o) if head.has_loss else o.new_zeros(B)
     input_grad: Optional[Tensor] = None
     eta_L: Optional[Tensor] = None
+    sources: Optional[dict] = {} if fbp else None   # ŝ, summed over class chunks (§6)
+    keep_nodes = P.nodes_with_second_order_terms(grads, fbp) if need_any else set()
     n = head.num_directions
     k = chunk_size or default_chunk_size(fp, n, B)
     for start in range(0, n, k):
         v = head.directions(start, min(n, start + k))
         kk = v.shape[0]
         zeta_L = head.output_cotangent(v)                                      # ζ_L, (k, B, C)
-        xi, zetas = P.backward(program, fp, zeta_L.flatten(0, 1), keep_zetas=bool(grads))
+        xi, kept = P.backward(fp, zeta_L.flatten(0, 1), keep=bool(keep_nodes), keep_nodes=keep_nodes)
         xi = xi.unflatten(0, (kk, B))                                          # ξ_0, (k, B, ...)
-        if P is native and head.native_head is not None:                     # p, q_0, ∂p/∂x in one kernel
+        if backend == "native" and head.native_head is not None:             # p, q_0, ∂p/∂x in one kernel
             want_direct = need_input_grad and head.reads_x
             p, q0, direct = native.penalty_head(head, xi, x, w[0], need_any, want_direct)
             value += p
@@ -98,7 +111,7 @@ def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[floa
             q0 = direct = None
         if not need_any:
             continue
-        if head.has_loss:  # ∇θ ℓ = K□(ζ_j, x_{j-1}): w ζ_L joins η̂_L, one recursion carries both
+        if head.has_loss:  # ∇θ ℓ = B_nᵀ ζ: w ζ_L joins η̂_L, one recursion carries both
             eta_L = _accumulate(eta_L, (_bcast(w, zeta_L) * zeta_L).sum(0))
         if q0 is None:
             q0 = head.q0(xi, x) * _bcast(w, xi)                                # q_0 = w ∇p(ξ_0)
@@ -106,15 +119,15 @@ def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[floa
                 direct = head.input_grad(xi, x)
                 if direct is not None:
                     input_grad = _accumulate(input_grad, (direct * _bcast(w, xi)).sum(0))
-        if grads or head.has_eta:
-            h = P.backward_backward(program, fp, q0.flatten(0, 1), zetas, grads, need_h=head.has_eta)
+        if grads or fbp:
+            h = P.backward_backward(fp, q0.flatten(0, 1), kept, grads, sources, need_h=head.has_eta)
             if head.has_eta:                                                   # η̂_L += Σ_i η_L^{(i)}
                 eta_L = _accumulate(eta_L, head.output_eta(v, h.unflatten(0, (kk, B))))
-        del zetas
-    if fbp and eta_L is not None:                                              # FBP once, from η̂_L
-        gamma0 = P.forward_backward(program, fp, eta_L, grads, need_input_grad)
+        del kept
+    if fbp:                                                                    # FBP once, from η̂_L and ŝ
+        gamma0 = P.forward_backward(fp, eta_L, sources, grads, need_input_grad)
         if need_input_grad:
             input_grad = _accumulate(input_grad, gamma0)
-    if need_input_grad and input_grad is None:  # logits, constant v, p without x: ∇x R = 0 a.e.
+    if need_input_grad and input_grad is None:  # logits, constant v, no sources, p without x: ∇x R = 0 a.e.
         input_grad = torch.zeros_like(x)
     return Result(value, grads.as_list() if grads else None, input_grad, fp)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .penalties import Penalty
+from .program import as_output_matrix
 
 
 class AutogradJacobian:
@@ -28,12 +29,18 @@ class AutogradJacobian:
 def autograd_penalty(model: nn.Module, head: Penalty, x: Tensor) -> Tensor:
     """Per-sample ``R_b`` (shape ``(B,)``), differentiable in the parameters and in ``x``.
 
-    Per-sample input gradients come from one batched ``autograd.grad`` per direction, which is exact
-    for models whose samples do not interact (no batch statistics in train mode).
+    Input gradients come from one batched ``autograd.grad`` per direction of the batch-summed output: the
+    per-sample gradients for models whose samples do not interact, ∇x of the batch sum for train-mode
+    BatchNorm (docs/maths.md §7). BatchNorm running statistics are updated only by penalties that replace
+    the task forward (``head.has_loss``: double backprop), as one ``model(x)`` call would.
     """
+    buffers = [] if head.has_loss else [(b, b.clone()) for b in model.buffers()]
     with torch.enable_grad():
         x_ = x if x.requires_grad else x.detach().requires_grad_(True)
-        o = model(x_)
+        o = as_output_matrix(model(x_))
+        for b, v in buffers:  # untracked by autograd (train-mode BN saves but never reads them in backward)
+            if not torch.equal(b, v):
+                b.data.copy_(v)
         head.setup(o.detach(), x_.detach(), AutogradJacobian(head, o, x_))
         value = head.loss_value(o) if head.has_loss else o.new_zeros(o.shape[0])
         for i in range(head.num_directions):

@@ -16,7 +16,7 @@ from . import autograd, backends, fallback
 from .errors import UnsupportedModelError
 from .penalties import (Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient,
                         Penalty, Relevance, SpectralNorm, check_chunk_size, check_reduction)
-from .program import compile_model
+from .program import cached_program
 
 __all__ = ["jacobian_penalty", "output_gradient_penalty", "double_backprop_loss", "spectral_norm_penalty",
            "relevance_penalty", "alignment_penalty", "gradient_penalty"]
@@ -34,8 +34,12 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     check_reduction(reduction)
     check_chunk_size(chunk_size)
     backend = backends.resolve(backend)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
-        program = compile_model(model)
+        program = cached_program(model)
+        program.check_input(x)
+        program.verify(x)
     except UnsupportedModelError as e:
         if strict:
             raise
@@ -44,8 +48,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
             warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
                           stacklevel=3)
         return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
-    program.check_input(x)
-    return autograd.evaluate(program, head, x, reduction, chunk_size, backend)
+    return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
 
 
 def jacobian_penalty(model: nn.Module, x: Tensor, output: str = "logits", estimator: str = "exact",

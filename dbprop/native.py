@@ -1,53 +1,95 @@
-"""The four passes through the native extension: the same interface as :mod:`dbprop.passes`, each pass one
-call into ``dbprop._C`` over the whole program (so no Python runs per layer)."""
+"""The native backend: element kernels for the DAG driver, the native chain driver (one call per pass for
+plain chains), Algorithm 4 in one call, and the penalty heads."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backends import native_module
+from .nodes import Affine
 from .passes import ParamGrads
 from .program import Program
 
 
-def _per_affine(program: Program, grads: Optional[ParamGrads]):
-    """``(want_weight, want_bias, weight accumulators, bias accumulators)`` per affine op; nothing wanted
-    without ``grads``."""
-    if grads is not None:
-        return grads.per_affine()
-    n = len(program.affine_indices)
-    return [False] * n, [False] * n, [None] * n, [None] * n
+class NativeKernels:
+    """The element work of the DAG nodes in the extension's kernels (csrc/kernels): derivative masks packed
+    to one bit per element, ``g'`` and ``g''`` of smooth activations from the shared element bodies."""
+
+    name = "native"
+
+    def piecewise_forward(self, z: Tensor, act):
+        zc = z.contiguous()
+        if act.hi == math.inf:  # (leaky) ReLU: g, and the bits of z > 0, in one pass
+            y, bits = native_module().forward_epilogue(zc, None, 1, 1, act.slope)
+        else:                   # ReLU6 / Hardtanh: bits of lo < z < hi
+            y = act.fn(z)
+            bits = native_module().pack_positive(((zc > act.lo) & (zc < act.hi)).to(torch.uint8).view(-1))
+        return y, (bits, z.numel())
+
+    def mask_multiply(self, c: Tensor, saved, act) -> Tensor:
+        bits, numel = saved
+        return native_module().mask_multiply(c.contiguous(), bits, numel, act.slope)
+
+    def smooth_forward(self, z: Tensor, act):
+        return act.fn(z), z.contiguous()
+
+    def smooth_multiply(self, c: Tensor, z: Tensor, act) -> Tensor:
+        return native_module().activation_derivative_multiply(c.contiguous(), z, act.name, act.p1, act.p2)
+
+    def smooth_source(self, xi: Tensor, q: Tensor, z: Tensor, act) -> Tensor:
+        return native_module().activation_source(xi.contiguous(), q.contiguous(), z, act.name, act.p1, act.p2)
 
 
-def forward(program: Program, x: Tensor, keep_inputs: bool):
-    return native_module().forward(program.native(), x, keep_inputs)
+class ChainPasses:
+    """The passes of a plain chain through the native chain driver (csrc/passes.cpp): one call per pass.
+    Chains of these kinds have no second-order sources."""
 
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.affine = [n for n, op in enumerate(program.ops) if isinstance(op, Affine)]
 
-def backward(program: Program, fp, zeta_L: Tensor, keep_zetas: bool):
-    return native_module().backward(program.native(), fp, zeta_L, keep_zetas)
+    def _lists(self, grads: Optional[ParamGrads]):
+        """``(want_weight, want_bias, weight accumulators, bias accumulators)`` per affine node."""
+        L = len(self.affine)
+        if grads is None:
+            return [False] * L, [False] * L, [None] * L, [None] * L
+        want = [grads.want(n) + [False] for n in self.affine]
+        return [w[0] for w in want], [w[1] for w in want], [None] * L, [None] * L
 
+    def _add(self, grads: Optional[ParamGrads], weights, biases=None) -> None:
+        if grads is None:
+            return
+        for j, n in enumerate(self.affine):
+            grads.add_node(n, [weights[j], None if biases is None else biases[j]])
 
-def backward_backward(program: Program, fp, q0: Tensor, zetas, theta_hat: Optional[ParamGrads],
-                      need_h: bool) -> Optional[Tensor]:
-    want_w, _, acc_w, _ = _per_affine(program, theta_hat)
-    if isinstance(zetas, dict):  # no ζ kept (tangent pass)
-        zetas = [zetas.get(i) for i in range(len(program.ops))]
-    h, acc_w = native_module().backward_backward(program.native(), fp, q0, zetas, acc_w, want_w, need_h)
-    if theta_hat is not None:
-        theta_hat.set_per_affine(acc_w)
-    return h
+    def forward(self, x: Tensor, keep_inputs: bool, update_stats: bool = False):
+        return native_module().forward(self.program.native(), x, keep_inputs)
 
+    def backward(self, fp, zeta_L: Tensor, keep: bool, keep_nodes=None):
+        return native_module().backward(self.program.native(), fp, zeta_L, keep)
 
-def forward_backward(program: Program, fp, eta_L: Tensor, grads: Optional[ParamGrads],
-                     need_input_grad: bool) -> Optional[Tensor]:
-    want_w, want_b, acc_w, acc_b = _per_affine(program, grads)
-    gamma0, acc_w, acc_b = native_module().forward_backward(program.native(), fp, eta_L.contiguous(), acc_w, acc_b,
-                                                            want_w, want_b, need_input_grad)
-    if grads is not None:
-        grads.set_per_affine(acc_w, acc_b)
-    return gamma0
+    def nodes_with_second_order_terms(self, grads: Optional[ParamGrads], with_sources: bool) -> set:
+        return {n for n in self.affine if grads is not None and any(grads.want(n))}
+
+    def backward_backward(self, fp, q0: Tensor, kept, theta_hat: Optional[ParamGrads], sources, need_h: bool):
+        want_w, _, acc_w, _ = self._lists(theta_hat)
+        if isinstance(kept, dict):  # no ζ kept (tangent pass)
+            kept = [kept.get(i) for i in range(len(self.program.ops))]
+        h, acc_w = native_module().backward_backward(self.program.native(), fp, q0, kept, acc_w, want_w, need_h)
+        self._add(theta_hat, acc_w)
+        return h
+
+    def forward_backward(self, fp, eta_L: Optional[Tensor], sources, grads: Optional[ParamGrads],
+                         need_input_grad: bool) -> Optional[Tensor]:
+        assert not sources, "chains of the native chain kinds have no second-order sources"
+        want_w, want_b, acc_w, acc_b = self._lists(grads)
+        gamma0, acc_w, acc_b = native_module().forward_backward(self.program.native(), fp, eta_L.contiguous(), acc_w,
+                                                                acc_b, want_w, want_b, need_input_grad)
+        self._add(grads, acc_w, acc_b)
+        return gamma0
 
 
 def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chunk_budget: int,
@@ -55,12 +97,12 @@ def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chu
                      need_input_grad: bool):
     """Algorithm 4 in one native call (``chunk=0``: sized to ``chunk_budget`` bytes); fills ``grads`` and
     returns ``(values, input_grad)``."""
-    want_w, want_b, _, _ = _per_affine(program, grads)
+    chain = ChainPasses(program)
+    want_w, want_b, _, _ = chain._lists(grads)
     value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget,
                                                          directions, scale, sample_weight, want_w, want_b,
                                                          need_input_grad)
-    if grads is not None:
-        grads.set_per_affine(gw, gb)
+    chain._add(grads, gw, gb)
     return value, gx
 
 

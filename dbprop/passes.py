@@ -1,8 +1,10 @@
-"""The four passes of DESIGN.md §2 over a stage program (the readable pure-PyTorch reference).
+"""The four passes over a DAG program (docs/maths.md §2, §3): the driver both backends share.
 
-Notation: ops are walked in program order; for an affine op ``j`` its input is ``x_{j-1}`` and the
-cotangent at its output is ``ζ_j`` (backward), ``η_j`` (forward-backward). Tangents ``q`` run forward
-(backward-backward). Several directions ride along the batch dimension (``k·B`` rows).
+Notation: node ``n`` has inputs ``args[n]``; ``ξ_out(n)`` is the backward cotangent at its output (``ζ`` for
+affine nodes), ``q`` the tangents of the backward-backward pass, ``η`` the forward-backward cotangents and
+``ŝ`` the second-order sources. Several directions ride along the batch dimension (``k·B`` rows).
+Element work goes through ``kernels`` (:class:`dbprop.nodes.PythonKernels`, the readable reference, or
+:class:`dbprop.native.NativeKernels`).
 """
 from __future__ import annotations
 
@@ -12,125 +14,213 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .operators import Affine
-from .program import Program
+from .nodes import RunContext, UnsupportedOp
+from .program import INPUT, Program, as_output_matrix
 
 
 @dataclass
 class ForwardState:
-    """What the forward pass keeps: per op its saved state (inputs of ``K_j`` when asked, masks, indices)."""
+    """What the forward pass keeps: per node its saved state; the output as ``(B, C)``."""
 
     saved: List[object]
     output: Tensor
-    numel_per_sample: int  # Σ over ops of the output size of one sample (sizes the class chunks)
+    out_shape: torch.Size          # the output node's own shape (the output is its ``(B, C)`` view)
+    numel_per_sample: int          # Σ over nodes of one sample's output size (sizes the class chunks)
+    batch: int
 
 
 class ParamGrads:
-    """Accumulators ``θ̂_j`` (weight) and bias gradients, one per affine op whose parameters need them."""
+    """Accumulators ``θ̂`` and gradients, one per program parameter (shared parameters summed)."""
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self.acc: Dict[int, List[Optional[Tensor]]] = {}
-        self.wanted: Dict[int, tuple] = {}
-        for i in program.affine_indices:
-            op = program.ops[i]
-            need_w = op.weight.requires_grad
-            need_b = op.bias is not None and op.bias.requires_grad
-            if need_w or need_b:
-                self.wanted[i] = (need_w, need_b)
-                self.acc[i] = [None, None]
+        self.params = program.parameters()
+        self.acc: List[Optional[Tensor]] = [None] * len(self.params)
+        self.wanted = [p.requires_grad for p in self.params]
 
     def __bool__(self) -> bool:
-        return bool(self.wanted)
+        return any(self.wanted)
 
-    def add(self, i: int, dW: Optional[Tensor], db: Optional[Tensor]) -> None:
-        for k, g in enumerate((dW, db)):
-            if g is not None:
-                self.acc[i][k] = g if self.acc[i][k] is None else self.acc[i][k].add_(g)
+    def want(self, n: int) -> List[bool]:
+        """Per parameter of node ``n``: is its gradient wanted?"""
+        return [self.wanted[i] for i in self.program.param_index[n]]
 
-    def per_affine(self):
-        """``(want_weight, want_bias, weight accumulators, bias accumulators)``, one entry per affine op."""
-        idx = self.program.affine_indices
-        want = [self.wanted.get(i, (False, False)) for i in idx]
-        acc = [self.acc.get(i, [None, None]) for i in idx]
-        return [w for w, _ in want], [b for _, b in want], [a[0] for a in acc], [a[1] for a in acc]
-
-    def set_per_affine(self, weights: List[Optional[Tensor]], biases: Optional[List[Optional[Tensor]]] = None) -> None:
-        for n, i in enumerate(self.program.affine_indices):
-            if i in self.acc:
-                self.acc[i][0] = weights[n]
-                if biases is not None:
-                    self.acc[i][1] = biases[n]
+    def add_node(self, n: int, grads) -> None:
+        for i, g in zip(self.program.param_index[n], grads):
+            if g is not None and self.wanted[i]:
+                self.acc[i] = g if self.acc[i] is None else self.acc[i] + g
 
     def as_list(self) -> List[Optional[Tensor]]:
-        """Gradients aligned with ``program.parameters()``: ``None`` where not wanted, zeros where wanted but
-        never reached (bias gradients when ``η ≡ 0``: they are exactly zero)."""
-        out: List[Optional[Tensor]] = []
-        for i in self.program.affine_indices:
-            acc = self.acc.get(i, [None, None])
-            for p, g in zip(self.program.ops[i].parameters(), acc):
-                out.append(None if not p.requires_grad else torch.zeros_like(p) if g is None else g)
-        return out
+        """Aligned with ``program.parameters()``: ``None`` where not wanted, zeros where wanted but never
+        reached (e.g. bias gradients when ``η ≡ 0``: they are exactly zero)."""
+        return [None if not w else torch.zeros_like(p) if g is None else g
+                for p, w, g in zip(self.params, self.wanted, self.acc)]
 
 
-def forward(program: Program, x: Tensor, keep_inputs: bool) -> ForwardState:
-    """FP: ``z_j = K_j x_{j-1} + b_j``, ``x_j = g_j(z_j)``; keep masks ``a_j`` and (if asked) ``x_{j-1}``."""
-    saved, numel = [], 0
-    for op in program.ops:
-        x, s = op.forward(x, keep_inputs)
-        saved.append(s)
-        numel += x[0].numel()
-    return ForwardState(saved, x, numel)
+def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
+    if term is None:
+        return total
+    return term if total is None else total + term
 
 
-def backward(program: Program, fp: ForwardState, zeta_L: Tensor, keep_zetas: bool):
-    """BP (Algorithm 1): ``ξ_{j-1} = Kᵀ_j ζ_j``, ``ζ_{j-1} = a_{j-1} ⊙ ξ_{j-1}``; returns ``ξ_0`` and the ``ζ_j``."""
-    zetas: Dict[int, Tensor] = {}
-    c = zeta_L
-    for i in reversed(range(len(program.ops))):
-        if keep_zetas and isinstance(program.ops[i], Affine):
-            zetas[i] = c
-        c = program.ops[i].transpose(c, fp.saved[i])
-    return c, zetas
+class Passes:
+    """FP, BP, BBP and FBP of ``program`` with the element kernels ``kernels``."""
 
+    def __init__(self, program: Program, kernels) -> None:
+        self.program, self.K = program, kernels
 
-def backward_backward(program: Program, fp: ForwardState, q0: Tensor, zetas: Dict[int, Tensor],
-                      theta_hat: Optional[ParamGrads], need_h: bool) -> Optional[Tensor]:
-    """BBP (Algorithm 2): ``θ̂¹_j += K□_j(q_{j-1}, ζ_j)``, ``h_j = K_j q_{j-1}``, ``q_j = a_j ⊙ h_j``.
+    # ---- FP
+    def forward(self, x: Tensor, keep_inputs: bool, update_stats: bool = False) -> ForwardState:
+        """Topological order; keeps what each node's operators need (and inputs of affine nodes if asked)."""
+        p = self.program
+        ctx = RunContext(self.K, keep_inputs, update_stats, x.shape[0])
+        env = p.env
+        env.clear()
+        env[p.placeholder] = x
+        saved: List[object] = [None] * len(p.ops)
+        numel = 0
+        try:
+            for si, (node, n) in enumerate(p.steps):
+                if n is None:
+                    env[node] = p.call(node)
+                else:
+                    xs = [x if m == INPUT else env[p.op_nodes[m]] for m in p.args[n]]
+                    try:
+                        y, saved[n] = p.ops[n].run(xs, ctx)
+                    except UnsupportedOp:
+                        raise
+                    except RuntimeError as e:
+                        raise ValueError(f"node {n} ({p.ops[n].name}, {p.ops[n].kind}) failed on inputs of shape "
+                                         f"{[tuple(t.shape) for t in xs]} (model input {tuple(x.shape)}): {e}") from e
+                    if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+                        raise UnsupportedOp(f"node {n} ({p.ops[n].name}) does not keep the batch dimension first")
+                    env[node] = y
+                    numel += y[0].numel()
+                for a in p.last_use.get(si, ()):
+                    if a is not p.placeholder and a is not p.output_node:
+                        env.pop(a, None)
+            out = env[p.output_node]
+        finally:
+            env.clear()
+        return ForwardState(saved, as_output_matrix(out), out.shape, numel, x.shape[0])
 
-    ``ζ_j`` is freed as soon as it has been used. ``K_L`` is skipped unless ``need_h`` (``η_L ≠ 0``);
-    with ``theta_hat=None`` this is the plain tangent (JVP) pass and returns ``h_L``.
-    """
-    q = q0
-    for i, op in enumerate(program.ops):
-        if isinstance(op, Affine):
-            zeta = zetas.pop(i, None)
-            if theta_hat is not None and i in theta_hat.wanted:
-                if theta_hat.wanted[i][0]:  # the bias has no θ̂¹ term: K□ is the weight adjoint only
-                    theta_hat.add(i, op.weight_adjoint(q, zeta, False)[0], None)
-            del zeta
-            if i == program.last_affine and not need_h:
-                return None
-        q = op.linear(q, fp.saved[i])
-    return q
+    # ---- BP
+    def backward(self, fp: ForwardState, zeta_L: Tensor, keep: bool, keep_nodes=None):
+        """``ξ`` at each node's output is the sum over its consumers of ``Aᵀ ξ``; returns ``ξ_0`` and, if
+        ``keep``, ``ξ_out(n)`` of the nodes that have mixed terms or sources (``keep_nodes``)."""
+        p = self.program
+        rows = zeta_L.shape[0]
+        cot: Dict[int, Tensor] = {p.output: zeta_L.reshape(rows, *fp.out_shape[1:])}
+        kept: Dict[int, Tensor] = {}
+        xi0: Optional[Tensor] = None
+        for n in reversed(range(len(p.ops))):
+            c = cot.pop(n, None)
+            if c is None:
+                continue
+            if keep and (keep_nodes is None or n in keep_nodes):
+                kept[n] = c
+            if not any(m == INPUT or p.depends_on_input[m] for m in p.args[n]):
+                continue
+            for m, g in zip(p.args[n], p.ops[n].backward_step(c, fp.saved[n], self.K)):
+                if g is None:
+                    continue
+                if m == INPUT:
+                    xi0 = _add(xi0, g)
+                elif p.depends_on_input[m]:
+                    cot[m] = _add(cot.get(m), g)
+        if xi0 is None:
+            raise RuntimeError("the model output does not depend on its input")
+        return xi0, kept
 
+    # ---- BBP
+    def backward_backward(self, fp: ForwardState, q0: Tensor, kept: Dict[int, Tensor],
+                          theta_hat: Optional[ParamGrads], sources: Optional[Dict[int, Tensor]],
+                          need_h: bool) -> Optional[Tensor]:
+        """Topological order: ``q_out(n) = A_n q_in(n)``; ``θ̂_n += ∂_θ⟨ξ_out, A_n(θ) q_in⟩`` and
+        ``ŝ_m += ∂_{y_m}⟨ξ_out, A_n(y) q_in⟩`` (summed into ``sources``). Returns ``h_L`` if ``need_h``; with
+        ``theta_hat=None`` and ``sources=None`` this is the plain tangent (JVP) pass."""
+        p = self.program
+        need_q = self.tangents_needed(theta_hat, sources is not None, need_h)
+        tan: Dict[int, Tensor] = {INPUT: q0}
+        remaining = {INPUT: len(p.input_consumers), **{n: len(c) for n, c in enumerate(p.consumers)}}
+        h = None
+        for n, op in enumerate(p.ops):
+            qs = [tan.get(m) for m in p.args[n]]
+            xi = kept.pop(n, None)
+            if any(q is not None for q in qs):
+                want = theta_hat.want(n) if theta_hat is not None else [False] * len(p.param_index[n])
+                if sources is None and not any(want):
+                    xi = None
+                q, mixed, src = op.bbp_step(xi, qs, fp.saved[n], want, need_q[n], self.K)
+                if theta_hat is not None:
+                    theta_hat.add_node(n, mixed)
+                if sources is not None:
+                    for m, s in zip(p.args[n], src):
+                        if s is not None:
+                            sources[m] = _add(sources.get(m), s)
+                if q is not None:
+                    tan[n] = q
+                    if n == p.output:
+                        h = q
+            for m in p.args[n]:  # free tangents nobody needs any more
+                remaining[m] -= 1
+                if remaining[m] == 0:
+                    tan.pop(m, None)
+        return h.reshape(h.shape[0], -1) if need_h and h is not None else None
 
-def forward_backward(program: Program, fp: ForwardState, eta_L: Tensor, grads: Optional[ParamGrads],
-                     need_input_grad: bool) -> Optional[Tensor]:
-    """FBP (Algorithm 3, ReLU: ``g'' = 0``): ``∇θ_j += K□_j(x_{j-1}, η_j)``, ``∇b_j += Σ η_j``,
-    ``γ_{j-1} = Kᵀ_j η_j``, ``η_{j-1} = a_{j-1} ⊙ γ_{j-1}``. Returns ``γ_0`` when ``need_input_grad``."""
-    eta = eta_L
-    for i in reversed(range(len(program.ops))):
-        op = program.ops[i]
-        if isinstance(op, Affine) and grads is not None and i in grads.wanted:
-            need_w, need_b = grads.wanted[i]
-            x_in = fp.saved[i][0]
-            if need_w:
-                dW, db = op.weight_adjoint(x_in, eta, need_b)
-            else:
-                dW, db = None, op.bias_gradient(eta)
-            grads.add(i, dW, db)
-        if i <= program.first_affine and not need_input_grad:
-            return None
-        eta = op.transpose(eta, fp.saved[i])
-    return eta
+    def tangents_needed(self, theta_hat: Optional[ParamGrads], with_sources: bool, need_h: bool) -> List[bool]:
+        """``q_out(n)`` is needed if a consumer has a wanted mixed term or a source, or needs its own tangent."""
+        p = self.program
+        need = [False] * len(p.ops)
+        for n in reversed(range(len(p.ops))):
+            if n == p.output and need_h:
+                need[n] = True
+                continue
+            for c in p.consumers[n]:
+                wants = theta_hat is not None and any(theta_hat.want(c))
+                if need[c] or wants or (with_sources and p.ops[c].has_source):
+                    need[n] = True
+                    break
+        return need
+
+    def nodes_with_second_order_terms(self, theta_hat: Optional[ParamGrads], with_sources: bool) -> set:
+        """Nodes whose ``ξ_out`` the backward-backward pass reads (wanted mixed terms or sources)."""
+        p = self.program
+        return {n for n, op in enumerate(p.ops)
+                if (theta_hat is not None and any(theta_hat.want(n))) or (with_sources and op.has_source)}
+
+    # ---- FBP
+    def forward_backward(self, fp: ForwardState, eta_L: Optional[Tensor], sources: Dict[int, Tensor],
+                         grads: Optional[ParamGrads], need_input_grad: bool) -> Optional[Tensor]:
+        """Reverse order, once: ``η_out(n) = Σ_c A_cᵀ η_out(c) + ŝ_n`` (``+ η_L`` at the output);
+        ``∇θ_n += B_nᵀ η_out(n)``. Returns ``∇x R = η_out(x) + ŝ_x`` when ``need_input_grad``."""
+        p = self.program
+        upstream = self.upstream_needs(grads, need_input_grad)
+        eta: Dict[int, Tensor] = {}
+        if eta_L is not None:
+            eta[p.output] = eta_L.reshape(eta_L.shape[0], *fp.out_shape[1:])
+        for n in reversed(range(len(p.ops))):
+            e = _add(eta.pop(n, None), sources.pop(n, None))
+            if e is None:
+                continue
+            want = grads.want(n) if grads is not None else [False] * len(p.param_index[n])
+            want_inputs = any(upstream[m] for m in p.args[n])
+            if not want_inputs and not any(want):
+                continue
+            ins, pg = p.ops[n].fbp_step(e, fp.saved[n], want_inputs, want, self.K)
+            if grads is not None:
+                grads.add_node(n, pg)
+            if ins is not None:
+                for m, g in zip(p.args[n], ins):
+                    if g is not None and upstream[m]:
+                        eta[m] = _add(eta.get(m), g)
+        return _add(eta.pop(INPUT, None), sources.pop(INPUT, None)) if need_input_grad else None
+
+    def upstream_needs(self, grads: Optional[ParamGrads], need_input_grad: bool) -> Dict[int, bool]:
+        """Does ``η`` at node ``m``'s output feed a wanted gradient (its own or one upstream)?"""
+        p = self.program
+        up: Dict[int, bool] = {INPUT: need_input_grad}
+        for n in range(len(p.ops)):
+            own = grads is not None and any(grads.want(n))
+            up[n] = own or any(up[m] for m in p.args[n])
+        return up

@@ -1,61 +1,462 @@
-"""The model program: an ``nn.Module`` turned into the chain of stage ops of DESIGN.md §1."""
+"""The model program: an ``nn.Module`` traced by ``torch.fx`` into a DAG of nodes (docs/maths.md §1, §3).
+
+Why ``torch.fx`` symbolic tracing: it records exactly the calls ``forward`` makes (subclass ``forward``s,
+module reuse, residual sums, ``torch.cat``, ``view``s), names every node by its module path, and fails
+loudly on data-dependent control flow. What it cannot see (hooks, parametrizations, global hooks) is
+refused here, and every program checks itself once against ``model(x)`` on the first input it runs.
+"""
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+import builtins
+import math
+import operator
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from . import operators as ops
+from . import nodes as N
 from .errors import UnsupportedModelError
 
-_SUPPORTED_NAMES = ", ".join(sorted(t.__name__ for t in ops.SUPPORTED)) + " (nested nn.Sequential allowed)"
+INPUT = -1  # the program input in a node's argument list
 
 
+# ------------------------------------------------------------------------------------- the kind table
+def _piecewise(fn, lo=0.0, hi=math.inf, slope=0.0) -> N.PiecewiseLinear:
+    return N.PiecewiseLinear(fn, float(lo), float(hi), float(slope))
+
+
+def _relu_like(m: nn.Module) -> N.PiecewiseLinear:
+    if isinstance(m, nn.LeakyReLU):
+        s = float(m.negative_slope)
+        return _piecewise(lambda z: F.leaky_relu(z, s), slope=s)
+    if isinstance(m, nn.ReLU6):
+        return _piecewise(F.relu6, 0.0, 6.0)
+    if isinstance(m, nn.Hardtanh):
+        lo, hi = float(m.min_val), float(m.max_val)
+        return _piecewise(lambda z: F.hardtanh(z, lo, hi), lo, hi)
+    return _piecewise(F.relu)
+
+
+def _smooth(m: nn.Module) -> N.Smooth:
+    if isinstance(m, nn.GELU):
+        a = m.approximate
+        return N.Smooth("gelu" if a == "none" else "gelu_tanh", lambda z: F.gelu(z, approximate=a))
+    if isinstance(m, nn.ELU):
+        alpha = float(m.alpha)
+        return N.Smooth("elu", lambda z: F.elu(z, alpha), alpha)
+    if isinstance(m, nn.Softplus):
+        beta, threshold = float(m.beta), float(m.threshold)
+        return N.Smooth("softplus", lambda z: F.softplus(z, beta, threshold), beta, threshold)
+    name = {nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Mish: "mish"}[type(m)]
+    return N.Smooth(name, {"silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "mish": F.mish}[name])
+
+
+def _pool_args(m: nn.Module, names: Tuple[str, ...]) -> Dict[str, Any]:
+    return {n: getattr(m, n) for n in names}
+
+
+#: module type -> node factory (name, module) -> Op. Types not listed become opaque nodes.
+MODULE_KINDS: Dict[type, Callable[[str, nn.Module], N.Op]] = {
+    nn.Linear: N.Linear,
+    nn.Conv1d: N.Conv,
+    nn.Conv2d: N.Conv,
+    nn.BatchNorm1d: N.BatchNorm,
+    nn.BatchNorm2d: N.BatchNorm,
+    **{t: (lambda name, m: N.PiecewiseLinearActivation(name, m, _relu_like(m)))
+       for t in (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)},
+    **{t: (lambda name, m: N.SmoothActivation(name, m, _smooth(m)))
+       for t in (nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Mish)},
+    nn.MaxPool1d: lambda name, m: N.MaxPool(name, m, True, **_pool_args(
+        m, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))),
+    nn.MaxPool2d: lambda name, m: N.MaxPool(name, m, False, **_pool_args(
+        m, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))),
+    nn.AvgPool1d: lambda name, m: N.AvgPool(name, m, True, **_pool_args(
+        m, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))),
+    nn.AvgPool2d: lambda name, m: N.AvgPool(name, m, False, **_pool_args(
+        m, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"))),
+    nn.AdaptiveAvgPool1d: lambda name, m: N.AdaptiveAvgPool(name, m, True, m.output_size),
+    nn.AdaptiveAvgPool2d: lambda name, m: N.AdaptiveAvgPool(name, m, False, m.output_size),
+    nn.Flatten: lambda name, m: N.Reshape(name, m, (m.start_dim, m.end_dim)),
+    nn.Unflatten: lambda name, m: N.Reshape(name, m),
+    nn.Dropout: N.Dropout,
+    nn.Identity: lambda name, m: N.Identity(name, m),
+}
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def supported_kinds() -> Dict[str, str]:
+    """Module type name -> node kind, for the docs and ``explain``."""
+    out = {}
+    for t, make in MODULE_KINDS.items():
+        args = {nn.Linear: (3, 2), nn.Conv1d: (1, 1, 1), nn.Conv2d: (1, 1, 1), nn.BatchNorm1d: (1,),
+                nn.BatchNorm2d: (1,), nn.MaxPool1d: (1,), nn.MaxPool2d: (1,), nn.AvgPool1d: (1,), nn.AvgPool2d: (1,),
+                nn.AdaptiveAvgPool1d: (1,), nn.AdaptiveAvgPool2d: (1,), nn.Unflatten: (1, (1,))}.get(t, ())
+        out[t.__name__] = make("", t(*args)).kind
+    return out
+
+
+# ------------------------------------------------------------------------------------- refusals
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel wrappers (their ``.module`` holds the parameters)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
-def _leaves(module: nn.Module, name: str) -> Iterator[Tuple[str, nn.Module]]:
-    if isinstance(module, nn.Sequential):
-        for child_name, child in module.named_children():
-            yield from _leaves(child, f"{name}.{child_name}" if name else child_name)
-    else:
-        yield name or type(module).__name__, module
+def _refuse_invisible(model: nn.Module) -> None:
+    """Hooks and parametrizations change what ``model(x)`` computes without appearing in the traced graph."""
+    from torch.nn.modules import module as M
+    for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        if getattr(M, what, None):
+            raise UnsupportedModelError(f"a global module hook is registered ({what.strip('_')}); dbprop cannot see "
+                                        "what it does to the model's forward")
+    for name, m in model.named_modules():
+        where = f"'{name}' ({type(m).__name__})" if name else type(m).__name__
+        if parametrize.is_parametrized(m):
+            raise UnsupportedModelError(
+                f"{where} has parametrizations ({', '.join(m.parametrizations.keys())}); dbprop does not represent "
+                "torch.nn.utils.parametrize (the penalty falls back to autograd)")
+        for attr, what in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                           ("_backward_hooks", "backward hook"), ("_backward_pre_hooks", "backward pre-hook")):
+            hooks = getattr(m, attr, None)
+            if hooks:
+                kinds = ", ".join(sorted({type(h).__name__ if not callable(h) or hasattr(h, "name")
+                                          else getattr(h, "__qualname__", type(h).__name__) for h in hooks.values()}))
+                raise UnsupportedModelError(
+                    f"{where} has a {what} ({kinds}); hooks (e.g. torch.nn.utils.spectral_norm / weight_norm) "
+                    "change the forward in ways dbprop cannot see")
+
+
+class _Tracer(fx.Tracer):
+    """Modules of a known kind are leaves (nodes); so are modules that own parameters or buffers directly and
+    torch.nn modules (opaque nodes). User containers are traced through, so their own ``forward`` counts."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) in MODULE_KINDS:
+            return True
+        if isinstance(m, _CONTAINERS) and type(m).forward is type(m).__mro__[
+                next(i for i, c in enumerate(type(m).__mro__) if c in _CONTAINERS)].forward:
+            return False
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            return True
+        return type(m).__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
+
+
+# ------------------------------------------------------------------------------------- graph -> nodes
+_META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "type", "is_floating_point"}
+_ADD = {operator.add, operator.iadd, torch.add}
+_CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_FUNCTION_ACTIVATIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU,
+                         F.hardtanh: nn.Hardtanh, F.gelu: nn.GELU, F.silu: nn.SiLU, torch.tanh: nn.Tanh,
+                         F.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, F.elu: nn.ELU,
+                         F.softplus: nn.Softplus, F.mish: nn.Mish}
+_METHOD_ACTIVATIONS = {"relu": nn.ReLU, "relu_": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+_FUNCTION_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.avg_pool1d: nn.AvgPool1d,
+                   F.avg_pool2d: nn.AvgPool2d, F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+                   F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
+
+
+def _has_node(a) -> bool:
+    found = []
+    fx.node.map_arg(a, lambda n: found.append(n))
+    return bool(found)
+
+
+def _normalized(node: fx.Node) -> Optional[Dict[str, Any]]:
+    """The call's arguments by parameter name (``None`` when torch.fx cannot normalise them)."""
+    from torch.fx.operator_schemas import normalize_function
+    def kind(a):
+        return torch.Tensor if isinstance(a, fx.Node) else type(a)
+    try:
+        r = normalize_function(node.target, node.args, node.kwargs, tuple(kind(a) for a in node.args),
+                               {k: kind(v) for k, v in node.kwargs.items()}, normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - unknown signature: treat as opaque
+        return None
+    return None if r is None else dict(r.kwargs)
 
 
 class Program:
-    """A compiled stage program: ``ops`` in execution order, reading the model's live parameters."""
+    """A compiled DAG program. ``ops[n]`` reads its inputs ``args[n]`` (node indices, ``INPUT`` for ``x``);
+    ``output`` is the node whose value (flattened to ``(batch, outputs)``) the penalties see."""
 
-    def __init__(self, model: nn.Module, op_list: List[ops.Op]) -> None:
+    def __init__(self, model: nn.Module, graph: fx.Graph, modules: Dict[str, nn.Module]) -> None:
         self.model = model
-        self.ops = op_list
-        self._native = None  # the dbprop._C.Program, built on first use (holds the live tensors)
-        self.affine_indices = [i for i, op in enumerate(op_list) if isinstance(op, ops.Affine)]
-        if not self.affine_indices:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has no Linear or Conv layer; dbprop needs at least one")
+        self.ops: List[N.Op] = []
+        self.args: List[List[int]] = []
+        self.steps: List[Tuple[fx.Node, Optional[int]]] = []   # every call in order: (node, op index or None)
+        self._modules = modules
+        self.env: Dict[fx.Node, Any] = {}                      # values during a forward pass
+        self._index: Dict[fx.Node, int] = {}
+        self.op_nodes: List[fx.Node] = []                      # the traced call of each node
+        self.verified = False
+        self.refusal: Optional[UnsupportedModelError] = None  # set when the self-check failed
+        self._native = None
+        self._build(graph)
 
-    @property
-    def first_affine(self) -> int:
-        return self.affine_indices[0]
+    # ---- construction
+    def _build(self, graph: fx.Graph) -> None:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedModelError(f"dbprop compiles models called as model(x) with one input; this forward takes "
+                                        f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
+        self.placeholder = placeholders[0]
+        self._index[self.placeholder] = INPUT
+        tensor_nodes = {self.placeholder}
+        for node in graph.nodes:
+            if node.op in ("placeholder",):
+                continue
+            if node.op == "output":
+                out = node.args[0]
+                if not isinstance(out, fx.Node) or out not in tensor_nodes:
+                    raise UnsupportedModelError("the model must return one tensor (batch, ...); it returns "
+                                                f"{type(out).__name__}")
+                self.output, self.output_node = self._index[out], out
+                if self.output == INPUT:
+                    raise UnsupportedModelError("the model returns its input unchanged")
+                continue
+            if node.op == "get_attr":
+                value = self._attr(node.target)
+                if isinstance(value, nn.Parameter):
+                    raise UnsupportedModelError(
+                        f"the forward uses the parameter '{node.target}' directly (outside a module call); "
+                        "wrap it in a module (it then runs as an opaque node)")
+                self.steps.append((node, None))
+                continue
+            inputs = []
+            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in tensor_nodes else None)
+            meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
+                (node.op == "call_function" and node.target is builtins.getattr)
+            if meta:
+                self.steps.append((node, None))
+                continue
+            inputs = list(dict.fromkeys(inputs))  # each producer once, in order of appearance
+            op = self._make_op(node, inputs)
+            if isinstance(op, N.Add) or isinstance(op, N.Cat):
+                inputs = self._ordered_tensor_args(node)
+            self._index[node] = len(self.ops)
+            self.steps.append((node, len(self.ops)))
+            self.ops.append(op)
+            self.op_nodes.append(node)
+            self.args.append([self._index[a] for a in inputs])
+            tensor_nodes.add(node)
+        self.consumers: List[List[int]] = [[] for _ in self.ops]
+        self.input_consumers: List[int] = []
+        for n, a in enumerate(self.args):
+            for m in a:
+                (self.input_consumers if m == INPUT else self.consumers[m]).append(n)
+        # which nodes depend on x (others are constants for every derivative)
+        self.depends_on_input = [False] * len(self.ops)
+        for n, a in enumerate(self.args):
+            self.depends_on_input[n] = any(m == INPUT or self.depends_on_input[m] for m in a)
+        if not self.depends_on_input[self.output]:
+            raise UnsupportedModelError("the model output does not depend on its input")
+        self.reaches_output = [False] * len(self.ops)
+        self.reaches_output[self.output] = True
+        for n in reversed(range(len(self.ops))):
+            self.reaches_output[n] = self.reaches_output[n] or any(self.reaches_output[c] for c in self.consumers[n])
+        # the last step that reads each value (values are freed after it in the forward pass)
+        self.last_use: Dict[int, List[fx.Node]] = {}
+        seen = set()
+        for si in reversed(range(len(self.steps))):
+            node = self.steps[si][0]
+            for a in self._fx_inputs(node):
+                if a not in seen:
+                    seen.add(a)
+                    self.last_use.setdefault(si, []).append(a)
+        self._params: List[Tensor] = []
+        ids: Dict[int, int] = {}
+        self.param_index: List[List[int]] = []
+        for op in self.ops:
+            idx = []
+            for p in op.params():
+                if id(p) not in ids:
+                    ids[id(p)] = len(self._params)
+                    self._params.append(p)
+                idx.append(ids[id(p)])
+            self.param_index.append(idx)
 
-    @property
-    def last_affine(self) -> int:
-        return self.affine_indices[-1]
+    @staticmethod
+    def _fx_inputs(node: fx.Node) -> List[fx.Node]:
+        found: List[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        return found
 
+    def _ordered_tensor_args(self, node: fx.Node) -> List[fx.Node]:
+        found: List[fx.Node] = []
+        fx.node.map_arg(node.args, found.append)
+        return found
+
+    def _attr(self, target: str):
+        obj: Any = self.model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def resolve(self, a):
+        """Replace traced nodes in an argument structure by their values in the current forward pass."""
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def call(self, node: fx.Node, replace: Optional[Dict[fx.Node, Tensor]] = None):
+        """Evaluate one traced call with the current values (``replace`` overrides some inputs)."""
+        env = self.env if not replace else {**self.env, **replace}
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "get_attr":
+            return self._attr(node.target)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self._modules[node.target](*args, **kwargs)
+
+    def _opaque(self, node: fx.Node, inputs: List[fx.Node], module: Optional[nn.Module] = None) -> N.Op:
+        def fn(*tensors):
+            return self.call(node, dict(zip(inputs, tensors)))
+        return N.Opaque(self._name(node), fn, module)
+
+    def _name(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"{node.name} ({target})"
+
+    def _make_op(self, node: fx.Node, inputs: List[fx.Node]) -> N.Op:
+        name = self._name(node)
+        if node.op == "call_module":
+            m = self._modules[node.target]
+            make = MODULE_KINDS.get(type(m))
+            if len(node.args) != 1 or node.kwargs or make is None:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    raise UnsupportedModelError(f"'{node.target}' ({type(m).__name__}) is not supported: dbprop "
+                                                "handles BatchNorm1d and BatchNorm2d")
+                return self._opaque(node, inputs, m)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
+                return self._opaque(node, inputs, m)
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and m.return_indices:
+                raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
+            return make(str(node.target), m)
+        target = node.target
+        if node.op == "call_method":
+            if target in _METHOD_ACTIVATIONS and len(node.args) == 1 and not node.kwargs:
+                return MODULE_KINDS[_METHOD_ACTIVATIONS[target]](name, _METHOD_ACTIVATIONS[target]())
+            if target in _RESHAPE_METHODS:
+                return self._reshape(node, inputs, name)
+            if target in ("add", "add_") and len(inputs) == 2 and len(node.args) == 2 and not node.kwargs:
+                return N.Add(name)
+            if target == "mean":
+                return self._mean(node, inputs, name) or self._opaque(node, inputs)
+            if target.endswith("_") and not target.endswith("__"):
+                raise UnsupportedModelError(f"the in-place call {name} cannot be represented; write it out of place")
+            return self._opaque(node, inputs)
+        if target in _ADD and len(node.args) == 2 and not node.kwargs and len(inputs) == 2 and all(
+                isinstance(a, fx.Node) and a in inputs for a in node.args):
+            return N.Add(name)
+        if target in _CAT:
+            kw = _normalized(node) or {}
+            tensors, dim = kw.get("tensors", node.args[0] if node.args else None), kw.get("dim", 0)
+            if isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) and t in inputs for t in tensors) \
+                    and isinstance(dim, int):
+                return N.Cat(name, dim)
+            return self._opaque(node, inputs)
+        if target is torch.flatten or target is torch.reshape:
+            return self._reshape(node, inputs, name)
+        if target is torch.mean:
+            return self._mean(node, inputs, name) or self._opaque(node, inputs)
+        if target is F.dropout:
+            kw = _normalized(node) or {}
+            if not kw.get("training", True) or kw.get("p", 0.5) == 0.0:
+                return N.Identity(name)
+            raise UnsupportedModelError(f"{name}: functional dropout in training mode is not supported; use nn.Dropout")
+        kw = _normalized(node)
+        if kw is not None and not _has_node({k: v for k, v in kw.items() if k != "input"}) and \
+                kw.get("input") in inputs and len(inputs) == 1:
+            kw.pop("input")
+            kw.pop("inplace", None)
+            if target in _FUNCTION_ACTIVATIONS:
+                cls = _FUNCTION_ACTIVATIONS[target]
+                renames = {"negative_slope": "negative_slope", "min_val": "min_val", "max_val": "max_val"}
+                try:
+                    module = cls(**{renames.get(k, k): v for k, v in kw.items()})
+                except TypeError:
+                    return self._opaque(node, inputs)
+                return MODULE_KINDS[cls](name, module)
+            if target in _FUNCTION_POOLS and not kw.get("return_indices", False):
+                cls = _FUNCTION_POOLS[target]
+                kw.pop("return_indices", None)
+                try:
+                    module = cls(**kw)
+                except TypeError:
+                    return self._opaque(node, inputs)
+                return MODULE_KINDS[cls](name, module)
+        return self._opaque(node, inputs)
+
+    def _reshape(self, node, inputs, name):
+        if len(inputs) != 1 or node.args[0] is not inputs[0]:
+            return self._opaque(node, inputs)
+        dims = None
+        if node.target in ("flatten", torch.flatten):
+            kw = _normalized(node) if node.op == "call_function" else None
+            rest = node.args[1:]
+            start = kw.get("start_dim", 0) if kw else (rest[0] if rest else node.kwargs.get("start_dim", 0))
+            end = kw.get("end_dim", -1) if kw else (rest[1] if len(rest) > 1 else node.kwargs.get("end_dim", -1))
+            if isinstance(start, int) and isinstance(end, int):
+                dims = (start, end)
+        x_node = inputs[0]
+        return N.Reshape(name, lambda x: self.call(node, {x_node: x}), dims)
+
+    def _mean(self, node, inputs, name):
+        if len(inputs) != 1 or node.args[0] is not inputs[0]:
+            return None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims) or \
+                not isinstance(keepdim, bool) or set(node.kwargs) - {"dim", "keepdim"}:
+            return None
+        return N.Mean(name, list(dims), keepdim)
+
+    # ---- queries
     def parameters(self) -> List[Tensor]:
-        """Weights and biases of the affine ops, in program order (the autograd Function's inputs)."""
-        return [p for i in self.affine_indices for p in self.ops[i].parameters()]
+        """Every parameter the nodes read, once each (shared modules: gradients are summed)."""
+        return list(self._params)
+
+    @property
+    def opaque_nodes(self) -> List[int]:
+        return [n for n, op in enumerate(self.ops) if not op.native]
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether some node has a second-order source (then the forward-backward pass always runs)."""
+        return any(op.has_source for op in self.ops)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(a == [n - 1 if n else INPUT] for n, a in enumerate(self.args)) and self.output == len(self.ops) - 1
+
+    @property
+    def native_chain(self) -> bool:
+        """A chain of the kinds the native chain driver (csrc/passes.cpp) runs in one call per pass."""
+        return self.is_chain and all(op.descriptor() is not None for op in self.ops) and \
+            any(isinstance(op, N.Affine) for op in self.ops)
 
     def native(self):
-        """The program as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors)."""
+        """The chain as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors)."""
         if self._native is None:
             from .backends import native_module
-            affine = [self.ops[i] for i in self.affine_indices]
+            affine = [op for op in self.ops if isinstance(op, N.Affine)]
             self._native = native_module().Program([op.descriptor() for op in self.ops], [op.weight for op in affine],
                                                    [op.bias for op in affine])
         return self._native
@@ -66,66 +467,143 @@ class Program:
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
-        w = self.ops[self.first_affine].weight
-        if x.dtype != w.dtype:
-            raise TypeError(f"dtype mismatch: input is {x.dtype} but the model's parameters are {w.dtype}")
-        if x.device != w.device:
-            raise ValueError(f"device mismatch: input is on {x.device} but the model is on {w.device}")
+        params = self.parameters()
+        if params:
+            w = params[0]
+            if x.dtype != w.dtype:
+                raise TypeError(f"dtype mismatch: input is {x.dtype} but the model's parameters are {w.dtype}")
+            if x.device != w.device:
+                raise ValueError(f"device mismatch: input is on {x.device} but the model is on {w.device}")
         if x.dim() < 2:
             raise ValueError(f"input must be batched, shape (batch, ...); got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("empty batch: the input has batch size 0")
-        first = self.ops[self.first_affine]
-        if self.first_affine == 0 or all(isinstance(o, (ops.Identity, ops.Dropout, ops.Activation))
-                                          for o in self.ops[:self.first_affine]):
-            if isinstance(first, ops.Conv):
-                want = first.dim + 2
-                if x.dim() != want:
-                    raise ValueError(f"{first.name} ({type(first.module).__name__}) expects input of shape "
-                                     f"(batch, {first.in_features()}, {'L' if first.dim == 1 else 'H, W'}); "
-                                     f"got shape {tuple(x.shape)}")
-                if x.shape[1] != first.in_features():
-                    raise ValueError(f"{first.name} expects {first.in_features()} input channels; "
-                                     f"got shape {tuple(x.shape)}")
-            elif x.shape[-1] != first.in_features():
-                raise ValueError(f"{first.name} (Linear) expects {first.in_features()} input features in the "
-                                 f"last dimension; got shape {tuple(x.shape)}")
+        for n in self.input_consumers:  # the layers reading x directly name the shape they expect
+            op = self.ops[n]
+            if isinstance(op, N.Conv):
+                want, m = op.dim + 2, op.module
+                if x.dim() != want or x.shape[1] != m.in_channels:
+                    raise ValueError(f"{op.name} ({type(m).__name__}) expects input of shape (batch, {m.in_channels}, "
+                                     f"{'L' if op.dim == 1 else 'H, W'}); got shape {tuple(x.shape)}")
+            elif isinstance(op, N.Linear) and x.shape[-1] != op.module.in_features:
+                raise ValueError(f"{op.name} (Linear) expects {op.module.in_features} input features in the last "
+                                 f"dimension; got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("input contains non-finite values (inf or nan)")
 
-    def __repr__(self) -> str:
-        body = "\n".join(f"  {i}: {op!r}" for i, op in enumerate(self.ops))
-        return f"Program(\n{body}\n)"
+    def verify(self, x: Tensor) -> None:
+        """Once per program: the traced program must reproduce ``model(x)`` (outputs equal to float tolerance).
+        Runs with dropout off, the RNG forked and every buffer restored (BatchNorm statistics stay untouched)."""
+        if self.verified:
+            return
+        if self.refusal is not None:
+            raise self.refusal
+        from . import passes
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        try:
+            for m in dropouts:
+                m.training = False
+            with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                try:
+                    ours = passes.Passes(self, N.PythonKernels()).forward(x, keep_inputs=False).output
+                except N.UnsupportedOp as e:
+                    self.refusal = UnsupportedModelError(str(e))
+                    raise self.refusal from None
+                for b, v in buffers:
+                    b.copy_(v)
+                ref = self.model(x)
+        finally:
+            for m in dropouts:
+                m.training = True
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
+        ref = as_output_matrix(ref)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(ref.dtype, 2e-2)
+        scale = max(1.0, float(ref.abs().max()))
+        err = float((ours - ref).abs().max()) if ours.shape == ref.shape else math.inf
+        if not err <= tol * scale:
+            self.refusal = UnsupportedModelError(
+                f"the traced program of {type(self.model).__name__} does not reproduce model(x) (max difference "
+                f"{err:.3g} for outputs of size {scale:.3g}): its forward depends on something torch.fx does not "
+                "record (state changed in forward, in-place updates of shared tensors, Python-side randomness)")
+            raise self.refusal
+        self.verified = True
+
+    def explain(self) -> str:
+        """One line per node: index, kind, where it came from, its inputs and whether it runs natively."""
+        lines = [f"Program of {type(self.model).__name__}: {len(self.ops)} nodes, "
+                 f"{len(self.opaque_nodes)} opaque" + (", native chain driver" if self.native_chain else "")]
+        for n, (op, a) in enumerate(zip(self.ops, self.args)):
+            ins = ", ".join("x" if m == INPUT else str(m) for m in a)
+            how = "native" if op.native else "opaque (local autograd)"
+            out = "  -> output" if n == self.output else ""
+            lines.append(f"  {n:3d} {op.kind:<16} {op.name:<32} ({ins}) {how}{out}")
+        return "\n".join(lines)
+
+    __repr__ = explain
+
+
+def as_output_matrix(o: Tensor) -> Tensor:
+    """The model output as ``(batch, outputs)``: ``(B,)``, ``(B, C)`` and ``(B, C, 1, ..., 1)`` are accepted."""
+    if not isinstance(o, Tensor):
+        raise UnsupportedModelError(f"the model must return a tensor, got {type(o).__name__}")
+    if o.dim() == 1:
+        return o.unsqueeze(1)
+    if o.dim() >= 2 and all(s == 1 for s in o.shape[2:]):
+        return o.reshape(o.shape[0], o.shape[1])
+    raise ValueError(f"the model output must have shape (batch,), (batch, outputs) or (batch, outputs, 1, ...); "
+                     f"got {tuple(o.shape)}")
 
 
 def compile_model(model: nn.Module) -> Program:
-    """Turn a supported ``nn.Module`` into its stage program.
+    """Trace ``model`` (any ``nn.Module`` called as ``model(x)``) into a DAG program.
 
-    Supported: ``nn.Sequential`` (nested too) of {supported}. The program holds references to the modules,
-    never copies of their parameters. ``DistributedDataParallel``/``DataParallel`` wrappers are unwrapped.
+    Modules of the supported kinds (see the README's table) run natively; any other module or traced call runs
+    as an exact opaque node (local autograd). Wrappers (DistributedDataParallel, DataParallel, torch.compile)
+    are unwrapped. The program reads the model's live parameters and checks itself against ``model(x)`` on the
+    first input it runs.
 
     Raises:
-        UnsupportedModelError: naming the first unsupported module, its position and the supported set.
+        UnsupportedModelError: hooks, parametrizations, models that torch.fx cannot trace (with its reason),
+            several inputs or outputs, in-place calls on traced tensors.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
-    op_list: List[ops.Op] = []
-    for position, (name, module) in enumerate(_leaves(model, "")):
-        cls = ops.SUPPORTED.get(type(module))
-        if cls is None:
-            hint = ""
-            if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
-                hint = " (drop the final softmax and pass output='softmax' to the penalty instead)"
-            elif not isinstance(model, nn.Sequential) and position == 0:
-                hint = " (dbprop compiles nn.Sequential models; express the network as one)"
-            raise UnsupportedModelError(
-                f"unsupported module {type(module).__name__} at position {position} ('{name}'){hint}; "
-                f"supported: {_SUPPORTED_NAMES}")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode != "zeros":
-            raise UnsupportedModelError(
-                f"{type(module).__name__} at position {position} ('{name}') uses padding_mode="
-                f"'{module.padding_mode}'; only 'zeros' is supported")
-        op_list.append(cls(module, name))
-    return Program(model, op_list)
+    _refuse_invisible(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
+        raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
+    return Program(model, graph, dict(model.named_modules()))
 
 
-compile_model.__doc__ = compile_model.__doc__.format(supported=_SUPPORTED_NAMES)
+_cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Program]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What a compiled program depends on besides parameter values: the module tree, train/eval flags, hooks,
+    the parameter and buffer objects with their dtypes and devices."""
+    mods = tuple((name, id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+                 for name, m in model.named_modules())
+    tensors = tuple((id(t), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+    return mods, tensors
+
+
+def cached_program(model: nn.Module) -> Program:
+    """``compile_model(model)``, compiled once and reused while the model's structure, modes, parameter objects,
+    dtypes and devices stay the same (a changed one recompiles)."""
+    model = _unwrap(model)
+    sig = _signature(model)
+    hit = _cache.get(model)
+    if hit is None or hit[0] != sig:
+        try:
+            hit = (sig, compile_model(model))
+        except UnsupportedModelError as e:  # remembered too: an unsupported model is not re-traced every call
+            hit = (sig, e)
+        _cache[model] = hit
+    if isinstance(hit[1], UnsupportedModelError):
+        raise hit[1]
+    return hit[1]

@@ -31,3 +31,37 @@ def compare(model, x, call, head, reduction="mean", seed=7, weights=None):
         value, ref = (value * weights).sum(), (ref * weights).sum()
     g, gr = grads_of(value, model, x), grads_of(ref, model, x)
     return value.detach(), ref.detach(), max(max_rel_err([value], [ref]), max_rel_err(g, gr))
+
+
+def saliencies(model, x, backend="python"):
+    """ξ_0 for every class and the cotangent at every node's output, from the dbprop backward pass (standard
+    backprop, v = e_i): ``(program, logits, ξ_0 (C, B, ...), {node: cotangent (C, B, ...)})``."""
+    import dbprop
+    from dbprop.engine import make_passes
+    program = dbprop.compile_model(model)
+    P = make_passes(program, backend)
+    fp = P.forward(x, keep_inputs=False)
+    B, C = fp.output.shape
+    v = torch.eye(C, dtype=x.dtype)[:, None, :].expand(C, B, C).flatten(0, 1)
+    xi, kept = P.backward(fp, v, keep=True)
+    return program, fp.output, xi.unflatten(0, (C, B)), {n: c.unflatten(0, (C, B)) for n, c in kept.items()}
+
+
+def bias_terms(program, cotangents, batch, num_classes, dtype):
+    """Σ_j ⟨b_j, ∇_{b_j} Ψ_i⟩ per sample and class (Theorem 1): affine biases, and eval-mode BatchNorm's shift
+    β − γ μ/σ acting as a bias."""
+    from dbprop.nodes import Affine, BatchNorm
+    total = torch.zeros(batch, num_classes, dtype=dtype)
+    for n, c in cotangents.items():
+        op = program.ops[n]
+        if isinstance(op, Affine) and op.bias is not None:
+            b = op.bias
+        elif isinstance(op, BatchNorm) and not op.batch_stats:
+            m = op.module
+            scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.weight is not None else 1.0)
+            b = (m.bias if m.bias is not None else 0.0) - scale * m.running_mean
+        else:
+            continue
+        per_sample = c.sum(list(range(3, c.dim()))) if c.dim() > 3 else c
+        total += (per_sample * b).sum(-1).T
+    return total

@@ -5,9 +5,8 @@ from torch import nn
 
 import dbprop
 from dbprop import analysis as A
-from dbprop.program import compile_model
-from dbprop.passes import backward, forward
 
+from helpers import bias_terms, saliencies
 from nets import build, draw_input
 
 BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
@@ -64,19 +63,8 @@ def test_bound_and_theorem1_with_biases(net):
     beta_dagger = beta[b, i_star] - beta[b, j_star]
     assert torch.all(rho <= alpha_dagger + beta_dagger.abs() / g_dagger.norm(dim=1) + 1e-12)
     # Theorem 1 with explicit bias gradients from the backward pass
-    program = compile_model(model)
-    fp = forward(program, x, keep_inputs=False)
-    C = logits.shape[1]
-    v = torch.eye(C, dtype=x.dtype)[:, None, :].expand(C, 5, C).flatten(0, 1)
-    _, zetas = backward(program, fp, v, keep_zetas=True)
-    bias_terms = torch.zeros(5, C, dtype=x.dtype)
-    for i, zeta in zetas.items():
-        op = program.ops[i]
-        if op.bias is not None:
-            z = zeta.unflatten(0, (C, 5))
-            per_sample = z.sum(list(range(3, z.dim()))) if z.dim() > 3 else z
-            bias_terms += (per_sample * op.bias).sum(-1).T
-    torch.testing.assert_close(beta, bias_terms, rtol=1e-10, atol=1e-12)
+    program, out, _, cotangents = saliencies(model, x)
+    torch.testing.assert_close(beta, bias_terms(program, cotangents, *out.shape, x.dtype), rtol=1e-10, atol=1e-12)
 
 
 def test_linear_model_robustness_is_exact():

@@ -1,5 +1,6 @@
 // CPU launchers of the element bodies: at::parallel_for over bytes, elements, channels or rows.
 #include "../elementwise.h"
+#include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
 
 #include <ATen/Dispatch.h>
@@ -158,6 +159,49 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
     });
   });
   return {q0, want_input_grad ? gx.to(xi.scalar_type()) : gx};
+}
+
+at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor& z, int64_t kind, double p1,
+                                          double p2) {
+  at::Tensor out = at::empty_like(c);
+  const int64_t n = z.numel(), copies = c.numel() / n;
+  DBPROP_FLOATING_TYPES(c.scalar_type(), "activation_derivative_multiply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t a1 = static_cast<acc_t>(p1), a2 = static_cast<acc_t>(p2);
+    kernels::visit_activation(kind, [&](auto act) {
+      using Act = decltype(act);
+      at::parallel_for(0, n, std::max<int64_t>(1, kGrain / copies), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)  // g'(z_m) once, applied to the k copies
+          kernels::activation_derivative_multiply<Act, scalar_t, acc_t>(cp, zp, op, n, copies, a1, a2, m);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, int64_t kind, double p1,
+                             double p2) {
+  at::Tensor out = at::empty_like(z);
+  const int64_t n = z.numel(), copies = xi.numel() / n;
+  DBPROP_FLOATING_TYPES(z.scalar_type(), "activation_source", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xi.data_ptr<scalar_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t a1 = static_cast<acc_t>(p1), a2 = static_cast<acc_t>(p2);
+    kernels::visit_activation(kind, [&](auto act) {
+      using Act = decltype(act);
+      at::parallel_for(0, n, std::max<int64_t>(1, kGrain / copies), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)  // one writer per element of z, copies summed in order
+          op[m] = kernels::activation_source<Act, scalar_t, acc_t>(xp, qp, zp, n, copies, a1, a2, m);
+      });
+    });
+  });
+  return out;
 }
 
 }  // namespace cpu

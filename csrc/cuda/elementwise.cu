@@ -1,6 +1,8 @@
 // CUDA launchers of the element bodies (csrc/kernels/elementwise.h): grid-stride __global__ kernels on the
-// current ATen stream. Reductions accumulate in the op-math type (float for half / bfloat16) with atomics.
+// current ATen stream. Reductions accumulate in the op-math type (float for half / bfloat16) with atomics, except
+// the activation source term, which has one thread per output element (deterministic).
 #include "../elementwise.h"
+#include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
 
 #include <ATen/Dispatch.h>
@@ -81,6 +83,51 @@ __global__ void penalty_head_kernel(int kind, acc_t p1, acc_t p2, const scalar_t
                                                              w[b]);
     }
   }
+}
+
+template <typename Act, typename scalar_t, typename acc_t>
+__global__ void activation_derivative_multiply_kernel(const scalar_t* c, const scalar_t* z, scalar_t* out,
+                                                      int64_t n, int64_t copies, acc_t p1, acc_t p2) {
+  GRID_STRIDE(m, n) {  // one thread per element of z: g'(z_m) once, applied to the k copies (coalesced)
+    kernels::activation_derivative_multiply<Act, scalar_t, acc_t>(c, z, out, n, copies, p1, p2, m);
+  }
+}
+
+template <typename Act, typename scalar_t, typename acc_t>
+__global__ void activation_source_kernel(const scalar_t* xi, const scalar_t* q, const scalar_t* z, scalar_t* out,
+                                         int64_t n, int64_t copies, acc_t p1, acc_t p2) {
+  GRID_STRIDE(m, n) {  // one thread per element of z looping over the copies: no atomics, deterministic
+    out[m] = kernels::activation_source<Act, scalar_t, acc_t>(xi, q, z, n, copies, p1, p2, m);
+  }
+}
+
+// One host launcher per activation struct (instantiated by the switch over the table below).
+template <typename Act>
+void launch_activation_derivative_multiply(const at::Tensor& c, const at::Tensor& z, at::Tensor& out, double p1,
+                                           double p2, cudaStream_t stream) {
+  const int64_t n = z.numel(), copies = c.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, c.scalar_type(),
+                                  "activation_derivative_multiply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    activation_derivative_multiply_kernel<Act, scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        c.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, copies,
+        static_cast<acc_t>(p1), static_cast<acc_t>(p2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename Act>
+void launch_activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, at::Tensor& out,
+                              double p1, double p2, cudaStream_t stream) {
+  const int64_t n = z.numel(), copies = xi.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, z.scalar_type(),
+                                  "activation_source", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    activation_source_kernel<Act, scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        xi.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
+        copies, static_cast<acc_t>(p1), static_cast<acc_t>(p2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
@@ -194,6 +241,42 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q0, want_input_grad ? gx.to(xi.scalar_type()) : gx};
+}
+
+at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor& z, int64_t kind, double p1,
+                                          double p2) {
+  c10::cuda::CUDAGuard guard(c.device());
+  at::Tensor out = at::empty_like(c);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (kind) {  // kind was checked by the dispatcher (csrc/elementwise.cpp)
+#define DBPROP_ACTIVATION_CASE(id, name, Act)                              \
+  case kernels::id:                                                        \
+    launch_activation_derivative_multiply<Act>(c, z, out, p1, p2, stream); \
+    break;
+    DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_CASE)
+#undef DBPROP_ACTIVATION_CASE
+    default:
+      TORCH_CHECK(false, "unknown activation kind ", kind);
+  }
+  return out;
+}
+
+at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, int64_t kind, double p1,
+                             double p2) {
+  c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = at::empty_like(z);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (kind) {
+#define DBPROP_ACTIVATION_CASE(id, name, Act)                     \
+  case kernels::id:                                               \
+    launch_activation_source<Act>(xi, q, z, out, p1, p2, stream); \
+    break;
+    DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_CASE)
+#undef DBPROP_ACTIVATION_CASE
+    default:
+      TORCH_CHECK(false, "unknown activation kind ", kind);
+  }
+  return out;
 }
 
 }  // namespace cuda

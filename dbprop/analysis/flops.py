@@ -1,6 +1,6 @@
 """Operation counts: FLOPs measured with torch.utils.flop_counter (a TorchDispatchMode counting
 convolution, convolution_backward by output mask, and matrix products), and the analytic counts of
-DESIGN.md §4 for the exact Jacobian penalty."""
+docs/maths.md §8 for the exact Jacobian penalty."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ..operators import Conv, Linear
+from ..nodes import Conv, Linear, PythonKernels, RunContext
 from ..program import compile_model
 
 
@@ -43,10 +43,13 @@ def count_flops(fn: Callable[[], object]) -> int:
 def layer_costs(model: nn.Module, x: Tensor) -> List[int]:
     """FLOPs of each ``K_j(θ_j, x_{j-1})`` at the batch of ``x`` (equal to those of ``Kᵀ_j`` and ``K□_j``)."""
     program = compile_model(model)
+    if not program.is_chain:
+        raise ValueError("layer_costs counts the affine stages of chain programs")
     costs = []
+    ctx = RunContext(PythonKernels(), False, False, x.shape[0])
     with torch.no_grad():
         for op in program.ops:
-            y, _ = op.forward(x, keep_input=False)
+            y, _ = op.run([x], ctx)
             if isinstance(op, Linear):
                 costs.append(2 * (x.numel() // x.shape[-1]) * op.weight.numel())
             elif isinstance(op, Conv):

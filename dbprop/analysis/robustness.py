@@ -11,9 +11,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import backends, native, passes
+from .. import backends
+from ..engine import make_passes
 from ..errors import UnsupportedModelError
-from ..program import compile_model
+from ..program import as_output_matrix, cached_program
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -25,26 +26,28 @@ def logits_and_input_gradients(model: nn.Module, x: Tensor, classes: Optional[Te
                                backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``(Ψ(x), G)`` with ``G[k, b] = ∇x Ψ^{c_kb}(x_b)``: all classes (``classes=None``, ``G`` is ``(C, B, ...)``)
     or the per-sample classes ``classes`` of shape ``(K, B)``, in one batched backward pass."""
+    backend = backends.resolve(backend)
     try:
-        program = compile_model(model)
+        program = cached_program(model)
+        program.check_input(x)
+        program.verify(x)
     except UnsupportedModelError:
         return _autograd_input_gradients(model, x, classes)
-    program.check_input(x)
-    P = native if backends.resolve(backend) == "native" else passes
-    fp = P.forward(program, x, keep_inputs=False)
+    P = make_passes(program, backend)
+    fp = P.forward(x, keep_inputs=False)
     logits = fp.output
     B, C = logits.shape
     if classes is None:
         classes = torch.arange(C, device=x.device)[:, None].expand(C, B)
     v = torch.nn.functional.one_hot(classes, C).to(logits.dtype)                 # (K, B, C)
-    xi, _ = P.backward(program, fp, v.flatten(0, 1), keep_zetas=False)
+    xi, _ = P.backward(fp, v.flatten(0, 1), keep=False)
     return logits, xi.unflatten(0, v.shape[:2])
 
 
 def _autograd_input_gradients(model, x, classes):
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
-        logits = model(x_)
+        logits = as_output_matrix(model(x_))
         B, C = logits.shape
         if classes is None:
             classes = torch.arange(C, device=x.device)[:, None].expand(C, B)

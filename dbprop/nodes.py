@@ -1,0 +1,845 @@
+"""The node kinds of a program (docs/maths.md §4): for each, the forward map and the four local operators
+the passes need.
+
+A node ``y = φ(θ; y_1..y_m)`` provides
+
+* ``run``         the forward map; returns ``y`` and what the other passes need (``saved``);
+* ``tangent``     ``A q``: its Jacobian in the inputs applied to tangents (one per input, ``None`` = 0);
+* ``cotangent``   ``Aᵀ c``: one cotangent per input;
+* ``mixed``       ``∂_θ ⟨ξ, A(θ) q⟩`` per parameter (the backward-backward term θ̂);
+* ``source``      ``∂_{y_m} ⟨ξ, A(y) q⟩`` per input (non-zero only where ``A`` depends on the forward point);
+* ``param_grads`` ``Bᵀ η``: the parameter gradient of ``⟨η, φ⟩``.
+
+Tangents and cotangents carry ``k`` directions stacked along the batch (``k·B`` rows, direction-major);
+per-sample state broadcasts over them. Sources are summed over the ``k`` copies (``B`` rows). Element work
+(activation masks and derivatives) goes through a ``kernels`` object, :class:`PythonKernels` here (the
+readable reference) or :class:`dbprop.native.NativeKernels`; everything else is ATen.
+All nodes read their module's live parameters, so a program never goes stale after an optimizer step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+convolution_backward = torch.ops.aten.convolution_backward
+Grads = List[Optional[Tensor]]
+
+
+def per_copy(c: Tensor, batch: int) -> Tensor:
+    """View ``c`` of ``k·B`` rows as ``(k, B, ...)`` so that per-sample state (``B`` rows) broadcasts."""
+    return c.unflatten(0, (-1, batch))
+
+
+def _rows(shape: Sequence[int], rows: int) -> List[int]:
+    return [rows, *shape[1:]]
+
+
+# ------------------------------------------------------------------------------------------ activations
+@dataclass(frozen=True)
+class Smooth:
+    """A smooth coordinate-wise activation: ``name`` is its kernel in ``csrc/kernels/activations.h``,
+    ``fn`` the torch function it must equal, ``p1, p2`` its parameters."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    p1: float = 0.0
+    p2: float = 0.0
+
+
+@dataclass(frozen=True)
+class PiecewiseLinear:
+    """``g`` with ``g' = 1`` on ``lo < z < hi`` and ``slope`` elsewhere (ReLU, LeakyReLU, ReLU6, Hardtanh)."""
+
+    fn: Callable[[Tensor], Tensor]
+    lo: float = 0.0
+    hi: float = math.inf
+    slope: float = 0.0
+
+
+class PythonKernels:
+    """The element work of the nodes in plain PyTorch: masks as bool tensors, ``g'`` and ``g''`` by autograd
+    of the activation's own torch function (its definition)."""
+
+    name = "python"
+
+    def piecewise_forward(self, z: Tensor, act: PiecewiseLinear) -> Tuple[Tensor, Any]:
+        inside = z > act.lo
+        if act.hi < math.inf:
+            inside &= z < act.hi
+        return act.fn(z), inside
+
+    def mask_multiply(self, c: Tensor, mask: Tensor, act: PiecewiseLinear) -> Tensor:
+        """``a ⊙ c`` with ``a = 1`` inside the mask and ``slope`` outside."""
+        cs = per_copy(c, mask.shape[0])
+        out = cs * mask if act.slope == 0.0 else torch.where(mask, cs, cs * act.slope)
+        return out.flatten(0, 1)
+
+    def smooth_forward(self, z: Tensor, act: Smooth) -> Tuple[Tensor, Any]:
+        with torch.enable_grad():
+            zr = z.detach().requires_grad_(True)
+            d1 = torch.autograd.grad(act.fn(zr).sum(), zr, create_graph=True)[0]
+            d2 = torch.autograd.grad(d1.sum(), zr)[0]
+        return act.fn(z), (d1.detach(), d2)
+
+    def smooth_multiply(self, c: Tensor, saved: Any, act: Smooth) -> Tensor:
+        d1 = saved[0]
+        return (per_copy(c, d1.shape[0]) * d1).flatten(0, 1)
+
+    def smooth_source(self, xi: Tensor, q: Tensor, saved: Any, act: Smooth) -> Tensor:
+        """``Σ_copies g''(z) ⊙ ξ ⊙ q`` (docs/maths.md §4, smooth activations)."""
+        d2 = saved[1]
+        return (per_copy(xi, d2.shape[0]) * per_copy(q, d2.shape[0])).sum(0) * d2
+
+
+@dataclass
+class RunContext:
+    """What a forward pass tells its nodes: keep inputs for ``Bᵀη``? update BatchNorm running statistics?"""
+
+    kernels: Any
+    keep_inputs: bool
+    update_stats: bool
+    batch: int
+
+
+# ----------------------------------------------------------------------------------------------- base
+class Op:
+    """A node kind. ``name`` is where it came from in the model (module path or traced call)."""
+
+    kind = "op"
+    native = True        # runs through ATen / the element kernels (False: local autograd, an opaque node)
+    has_source = False   # A depends on the forward point (smooth activations, train BN, opaque nodes)
+
+    def __init__(self, name: str, module: Optional[nn.Module] = None) -> None:
+        self.name = name
+        self.module = module
+
+    def params(self) -> List[Tensor]:
+        """The parameters ``θ`` of this node (live tensors of its module)."""
+        return []
+
+    def run(self, xs: List[Tensor], ctx: RunContext) -> Tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def tangent(self, qs: List[Optional[Tensor]], saved: Any, K) -> Tensor:
+        raise NotImplementedError
+
+    def cotangent(self, c: Tensor, saved: Any, K) -> List[Optional[Tensor]]:
+        raise NotImplementedError
+
+    def mixed(self, xi: Tensor, qs: List[Optional[Tensor]], saved: Any, want: List[bool], K) -> Grads:
+        return [None] * len(want)
+
+    def source(self, xi: Tensor, qs: List[Optional[Tensor]], saved: Any, K) -> Grads:
+        return [None] * len(qs)
+
+    def param_grads(self, eta: Tensor, saved: Any, want: List[bool], K) -> Grads:
+        return [None] * len(want)
+
+    # The passes call these three; opaque nodes override them to share one local autograd call.
+    def backward_step(self, c: Tensor, saved: Any, K) -> List[Optional[Tensor]]:
+        return self.cotangent(c, saved, K)
+
+    def bbp_step(self, xi: Optional[Tensor], qs, saved, want: List[bool], need_tangent: bool, K):
+        """``(A q, mixed terms, sources)``; ``xi`` is ``None`` where no mixed term or source is needed."""
+        q = self.tangent(qs, saved, K) if need_tangent else None
+        if xi is None:
+            return q, [None] * len(want), [None] * len(qs)
+        mixed = self.mixed(xi, qs, saved, want, K) if any(want) else [None] * len(want)
+        src = self.source(xi, qs, saved, K) if self.has_source else [None] * len(qs)
+        return q, mixed, src
+
+    def fbp_step(self, eta: Tensor, saved: Any, want_inputs: bool, want: List[bool], K):
+        """``(Aᵀ η per input or None, Bᵀ η per parameter)``."""
+        return (self.cotangent(eta, saved, K) if want_inputs else None,
+                self.param_grads(eta, saved, want, K) if any(want) else [None] * len(want))
+
+    def descriptor(self) -> Optional[Tuple[str, List[int], List[float]]]:
+        """``(kind name, ints, floats)`` for the native chain program (csrc/program.h), or ``None``."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Unary(Op):
+    """A node with one input: ``forward``/``linear``/``transpose`` act on one tensor."""
+
+    def forward(self, x: Tensor, ctx: RunContext) -> Tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def linear(self, q: Tensor, saved: Any, K) -> Tensor:
+        raise NotImplementedError
+
+    def transpose(self, c: Tensor, saved: Any, K) -> Tensor:
+        raise NotImplementedError
+
+    def run(self, xs, ctx):
+        return self.forward(xs[0], ctx)
+
+    def tangent(self, qs, saved, K):
+        return self.linear(qs[0], saved, K)
+
+    def cotangent(self, c, saved, K):
+        return [self.transpose(c, saved, K)]
+
+
+# --------------------------------------------------------------------------------------------- affine
+class Affine(Unary):
+    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (§4, affine nodes).
+    ``saved`` is ``(x or None, x.shape)``."""
+
+    kind = "affine"
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.module.bias
+
+    def params(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def apply_K(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def weight_adjoint(self, x: Tensor, c: Tensor, need_bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``K□(x, c)`` (gradient of ``⟨c, K(W, x)⟩`` in ``W``) and, if asked, ``Σ c`` (bias gradient)."""
+        raise NotImplementedError
+
+    def bias_gradient(self, c: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def linear(self, q, saved, K):
+        return self.apply_K(q)
+
+    def mixed(self, xi, qs, saved, want, K):  # θ̂ += K□(q_in, ζ); the bias has no mixed term
+        return [self.weight_adjoint(qs[0], xi, False)[0] if want[0] else None] + [None] * (len(want) - 1)
+
+    def param_grads(self, eta, saved, want, K):
+        need_b = len(want) > 1 and want[1]
+        if want[0]:
+            if saved[0] is None:
+                raise RuntimeError(f"{self.name}: the forward pass did not keep its input")
+            dW, db = self.weight_adjoint(saved[0], eta, need_b)
+        else:
+            dW, db = None, (self.bias_gradient(eta) if need_b else None)
+        return [dW, db][:len(want)]
+
+
+class Linear(Affine):
+    """``K(W, x) = x Wᵀ``, ``Kᵀ(W, c) = c W``, ``K□(x, c) = cᵀ x`` (over all leading dims)."""
+
+    def forward(self, x, ctx):
+        return F.linear(x, self.weight, self.bias), (x if ctx.keep_inputs else None, x.shape)
+
+    def apply_K(self, x):
+        return F.linear(x, self.weight)
+
+    def transpose(self, c, saved, K):
+        return c.matmul(self.weight)
+
+    def weight_adjoint(self, x, c, need_bias):
+        dW = c.reshape(-1, c.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return dW, (self.bias_gradient(c) if need_bias else None)
+
+    def bias_gradient(self, c):
+        return c.reshape(-1, c.shape[-1]).sum(0)
+
+    def descriptor(self):
+        return ("linear", [], [])
+
+
+class Conv(Affine):
+    """Convolution (1-d or 2-d, any stride, padding incl. 'same', dilation, groups; zero padding).
+
+    ``K`` is ``aten.convolution``; ``Kᵀ`` and ``K□`` are the input and weight outputs of
+    ``aten.convolution_backward`` selected by its output mask. Asymmetric 'same' padding is applied
+    explicitly (pad, then unpadded convolution; crop in ``Kᵀ``).
+    """
+
+    def __init__(self, name, module):
+        super().__init__(name, module)
+        m = module
+        self.dim = len(m.kernel_size)
+        self.stride, self.dilation, self.groups = list(m.stride), list(m.dilation), m.groups
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                pads = [(0, 0)] * self.dim
+            else:  # 'same' (stride 1 is enforced by nn.Conv)
+                pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(m.dilation, m.kernel_size)]
+        else:
+            pads = [(p, p) for p in m.padding]
+        if all(lo == hi for lo, hi in pads):
+            self.padding, self.explicit_pad = [lo for lo, _ in pads], None
+        else:  # F.pad order: last dim first
+            self.padding, self.explicit_pad = [0] * self.dim, [p for lo_hi in reversed(pads) for p in lo_hi]
+
+    def forward(self, x, ctx):
+        return self.module(x), (x if ctx.keep_inputs else None, x.shape)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return x if self.explicit_pad is None else F.pad(x, self.explicit_pad)
+
+    def apply_K(self, x):
+        return torch.convolution(self._pad(x), self.weight, None, self.stride, self.padding, self.dilation, False,
+                                 [0] * self.dim, self.groups)
+
+    def _backward(self, c: Tensor, x: Tensor, mask: Sequence[bool]):
+        bias_sizes = [self.weight.shape[0]] if mask[2] else None
+        return convolution_backward(c, x, self.weight, bias_sizes, self.stride, self.padding, self.dilation, False,
+                                    [0] * self.dim, self.groups, list(mask))
+
+    def transpose(self, c, saved, K):
+        shape = _rows(saved[1], c.shape[0])
+        pad = self.explicit_pad or [0] * (2 * self.dim)
+        for i in range(self.dim):  # F.pad order: (lo, hi) of the last dim first
+            shape[2 + i] += pad[2 * (self.dim - 1 - i)] + pad[2 * (self.dim - 1 - i) + 1]
+        gx = self._backward(c, c.new_empty(1).expand(shape), (True, False, False))[0]
+        if self.explicit_pad is not None:
+            for i in range(self.dim):
+                gx = gx.narrow(2 + i, pad[2 * (self.dim - 1 - i)], saved[1][2 + i])
+        return gx
+
+    def weight_adjoint(self, x, c, need_bias):
+        _, dW, db = self._backward(c, self._pad(x), (False, True, need_bias))
+        return dW, (db if need_bias else None)
+
+    def bias_gradient(self, c):
+        return c.sum([0, *range(2, c.dim())])
+
+    def descriptor(self):
+        pad = self.explicit_pad or []
+        return ("conv", [self.dim, *self.stride, *self.padding, *self.dilation, self.groups, int(bool(pad)), *pad], [])
+
+
+# --------------------------------------------------------------------------------------- batch norm
+class BatchNorm(Unary):
+    """BatchNorm1d/2d (§4, BatchNorm). Eval mode (running statistics): the per-channel affine map
+    ``y = γ (x − μ)/σ + β``. Train mode (batch statistics, or ``track_running_stats=False``): with
+    ``x̂ = (x − μ_B)/σ_B`` and means ``m(·)`` over the ``N`` = batch·spatial elements of each channel
+    (and of each class copy),
+        ``A q = (γ/σ)(q − m(q) − x̂ m(x̂ q))``  (symmetric: ``Aᵀ`` has the same form),
+        mixed ``∂_γ = (N/σ)(cov(ξ, q) − u w)``, ``u = m(ξ x̂)``, ``w = m(x̂ q)``,
+        source ``ŝ = (γ/σ²)[(3uw − cov(ξ, q)) x̂ − w (ξ − m(ξ)) − u (q − m(q))]``.
+    ``saved`` is ``(x̂ or x, 1/σ per channel, batch statistics?)``."""
+
+    kind = "batchnorm"
+
+    @property
+    def batch_stats(self) -> bool:
+        m = self.module
+        return m.training or not m.track_running_stats or m.running_mean is None
+
+    @property
+    def has_source(self) -> bool:  # type: ignore[override]
+        return self.batch_stats
+
+    def params(self):
+        m = self.module
+        return [m.weight, m.bias] if m.affine else []
+
+    def _gamma(self, invstd: Tensor) -> Tensor:
+        return invstd if self.module.weight is None else self.module.weight * invstd
+
+    @staticmethod
+    def _channel(v: Tensor, dim: int) -> Tensor:
+        return v.view(1, -1, *([1] * (dim - 2)))
+
+    def forward(self, x, ctx):
+        m = self.module
+        if x.dim() not in (2, 3, 4):
+            raise RuntimeError(f"{self.name}: BatchNorm input must be 2-, 3- or 4-d, got shape {tuple(x.shape)}")
+        dims = [0, *range(2, x.dim())]
+        if self.batch_stats:
+            factor = 0.0 if m.momentum is None else m.momentum
+            update = ctx.update_stats and m.training and m.track_running_stats
+            if update and m.num_batches_tracked is not None:  # exactly nn.BatchNorm's bookkeeping
+                m.num_batches_tracked.add_(1)
+                factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+            y = F.batch_norm(x, m.running_mean if update else None, m.running_var if update else None, m.weight,
+                             m.bias, True, factor, m.eps)
+            var, mean = torch.var_mean(x, dims, correction=0)
+            invstd = torch.rsqrt(var + m.eps)
+            xhat = (x - self._channel(mean, x.dim())) * self._channel(invstd, x.dim())
+            return y, (xhat, invstd, True)
+        y = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        invstd = torch.rsqrt(m.running_var + m.eps)
+        return y, (x if ctx.keep_inputs else None, invstd, False)
+
+    def _means(self, t: Tensor) -> Tensor:
+        """Per-channel means over each copy's batch and spatial positions, ``t`` of shape ``(k, B, C, ...)``."""
+        return t.mean([1, *range(3, t.dim())], keepdim=True)
+
+    def linear(self, q, saved, K):
+        aux, invstd, train = saved
+        scale = self._channel(self._gamma(invstd), q.dim())
+        if not train:
+            return q * scale
+        qs, xhat = per_copy(q, aux.shape[0]), aux
+        out = qs - self._means(qs) - xhat * self._means(xhat * qs)
+        return out.flatten(0, 1) * scale
+
+    transpose = linear
+
+    def mixed(self, xi, qs, saved, want, K):
+        if not want[0]:
+            return [None, None]
+        aux, invstd, train = saved
+        q, dim = qs[0], xi.dim()
+        if not train:  # ∂_γ ⟨ξ, (γ/σ) q⟩ = Σ ξ q / σ
+            return [(xi * q).sum([0, *range(2, dim)]) * invstd, None]
+        B = aux.shape[0]
+        xis, qs_, xhat = per_copy(xi, B), per_copy(q, B), aux
+        n = xhat.numel() // xhat.shape[1]
+        m_xi, m_q = self._means(xis), self._means(qs_)
+        cov = self._means(xis * qs_) - m_xi * m_q
+        u, w = self._means(xis * xhat), self._means(xhat * qs_)
+        term = (cov - u * w).sum(0).flatten()  # summed over class copies
+        return [n * invstd * term, None]
+
+    def source(self, xi, qs, saved, K):
+        xhat, invstd, _ = saved
+        B, q = xhat.shape[0], qs[0]
+        xis, qs_ = per_copy(xi, B), per_copy(q, B)
+        m_xi, m_q = self._means(xis), self._means(qs_)
+        cov = self._means(xis * qs_) - m_xi * m_q
+        u, w = self._means(xis * xhat), self._means(xhat * qs_)
+        s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs_ - m_q)
+        g = self._gamma(invstd) * invstd
+        return [s.sum(0) * self._channel(g, xhat.dim())]
+
+    def param_grads(self, eta, saved, want, K):
+        if not any(want):
+            return [None] * len(want)
+        aux, invstd, train = saved
+        dims = [0, *range(2, eta.dim())]
+        dgamma = None
+        if want[0]:
+            if train:
+                xhat = aux
+            else:
+                if aux is None:
+                    raise RuntimeError(f"{self.name}: the forward pass did not keep its input")
+                m = self.module
+                xhat = (aux - self._channel(m.running_mean, aux.dim())) * self._channel(invstd, aux.dim())
+            dgamma = (eta * xhat).sum(dims)
+        return [dgamma, eta.sum(dims) if want[1] else None]
+
+
+# ---------------------------------------------------------------------------------------- activations
+class PiecewiseLinearActivation(Unary):
+    """ReLU / LeakyReLU / ReLU6 / Hardtanh: ``a = g'(z)`` kept as a mask (bits natively); source 0 a.e."""
+
+    kind = "piecewise-linear"
+
+    def __init__(self, name, module, act: PiecewiseLinear):
+        super().__init__(name, module)
+        self.act = act
+
+    def forward(self, z, ctx):
+        return ctx.kernels.piecewise_forward(z, self.act)
+
+    def linear(self, q, saved, K):
+        return K.mask_multiply(q, saved, self.act)
+
+    transpose = linear
+
+    def descriptor(self):
+        act = self.act
+        return ("activation", [], [act.slope]) if act.lo == 0.0 and act.hi == math.inf else None
+
+
+class SmoothActivation(Unary):
+    """GELU, SiLU, ELU, Softplus, Tanh, Sigmoid, Mish: ``A = diag g'(z)``, source ``g''(z) ⊙ ξ ⊙ q``."""
+
+    kind = "smooth"
+    has_source = True
+
+    def __init__(self, name, module, act: Smooth):
+        super().__init__(name, module)
+        self.act = act
+
+    def forward(self, z, ctx):
+        return ctx.kernels.smooth_forward(z, self.act)
+
+    def linear(self, q, saved, K):
+        return K.smooth_multiply(q, saved, self.act)
+
+    transpose = linear
+
+    def source(self, xi, qs, saved, K):
+        return [K.smooth_source(xi, qs[0], saved, self.act)]
+
+
+# -------------------------------------------------------------------------------------------- routing
+class Identity(Unary):
+    """Identity and eval-mode dropout."""
+
+    kind = "identity"
+
+    def forward(self, x, ctx):
+        return x, None
+
+    def linear(self, q, saved, K):
+        return q
+
+    transpose = linear
+
+    def descriptor(self):
+        return ("identity", [], [])
+
+
+class Dropout(Unary):
+    """Dropout with its mask drawn once in the forward pass and reused in every other pass (eval: identity)."""
+
+    kind = "dropout"
+
+    def _active(self) -> bool:
+        return self.module.training and self.module.p > 0.0
+
+    def forward(self, x, ctx):
+        p = self.module.p
+        if not self._active():
+            return x, None
+        if p == 1.0:
+            mask = torch.zeros_like(x)
+        else:  # the same draw as ATen's CPU dropout: bernoulli(1 − p) / (1 − p)
+            mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
+        return x * mask, mask
+
+    def linear(self, q, saved, K):
+        return q if saved is None else (per_copy(q, saved.shape[0]) * saved).flatten(0, 1)
+
+    transpose = linear
+
+    def descriptor(self):
+        return ("dropout", [], [float(self.module.p)]) if self._active() else ("identity", [], [])
+
+
+class Reshape(Unary):
+    """``flatten`` / ``view`` / ``reshape`` keeping the batch dimension: a relabelling of each sample's
+    elements, so ``A q`` reshapes to the output's per-sample shape and ``Aᵀ`` back."""
+
+    kind = "reshape"
+
+    def __init__(self, name, fn: Callable[[Tensor], Tensor], flatten_dims: Optional[Tuple[int, int]] = None):
+        super().__init__(name)
+        self.fn, self.flatten_dims = fn, flatten_dims
+
+    def forward(self, x, ctx):
+        y = self.fn(x)
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise UnsupportedOp(f"{self.name} reshapes across the batch dimension ({tuple(x.shape)} -> "
+                                f"{tuple(y.shape)}); dbprop needs every tensor to keep the batch first")
+        return y, (x.shape, y.shape)
+
+    def linear(self, q, saved, K):
+        return q.reshape(_rows(saved[1], q.shape[0]))
+
+    def transpose(self, c, saved, K):
+        return c.reshape(_rows(saved[0], c.shape[0]))
+
+    def descriptor(self):
+        return None if self.flatten_dims is None else ("flatten", list(self.flatten_dims), [])
+
+
+def _as_2d(value, one_d: bool, height: int = 1) -> List[int]:
+    """A pool's kernel / stride / padding / dilation as ``[height, width]``: 1-d pools run as 2-d pools of
+    height 1 (``height`` is 0 for padding)."""
+    v = list(value) if isinstance(value, (tuple, list)) else [value]
+    return [height, v[0]] if one_d else (v if len(v) == 2 else v * 2)
+
+
+class MaxPool(Unary):
+    """Max-pool as routing through the saved argmax indices: ``R q`` gathers, ``Rᵀ c`` scatter-adds."""
+
+    kind = "maxpool"
+
+    def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__(name, module)
+        self.one_d = one_d
+        stride = kernel_size if stride is None or stride == [] else stride
+        self.kernel, self.stride = _as_2d(kernel_size, one_d), _as_2d(stride, one_d)
+        self.padding, self.dilation = _as_2d(padding, one_d, 0), _as_2d(dilation, one_d)
+        self.ceil_mode = bool(ceil_mode)
+
+    def forward(self, x, ctx):
+        xx = x.unsqueeze(2) if self.one_d else x
+        y, idx = F.max_pool2d(xx, self.kernel, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode,
+                              return_indices=True)
+        y = y.squeeze(2) if self.one_d else y
+        return y, (idx.flatten(2), x.shape, y.shape)
+
+    def linear(self, q, saved, K):
+        idx, _, out_shape = saved
+        qs = per_copy(q.flatten(2), idx.shape[0])
+        return qs.gather(3, idx.expand(qs.shape[0], *idx.shape)).reshape(_rows(out_shape, q.shape[0]))
+
+    def transpose(self, c, saved, K):
+        idx, in_shape, _ = saved
+        cs = per_copy(c.flatten(2), idx.shape[0])
+        out = cs.new_zeros(*cs.shape[:3], math.prod(in_shape[2:]))
+        out.scatter_add_(3, idx.expand(cs.shape[0], *idx.shape), cs)
+        return out.reshape(_rows(in_shape, c.shape[0]))
+
+    def descriptor(self):
+        return ("maxpool", [int(self.one_d), *self.kernel, *self.stride, *self.padding, *self.dilation,
+                            int(self.ceil_mode)], [])
+
+
+class AvgPool(Unary):
+    """Average pool; ``Rᵀ`` is ``aten.avg_pool2d_backward`` (1-d pools run as 2-d with height 1)."""
+
+    kind = "avgpool"
+
+    def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        super().__init__(name, module)
+        self.one_d = one_d
+        stride = kernel_size if stride is None or stride == [] else stride
+        self.kernel, self.stride = _as_2d(kernel_size, one_d), _as_2d(stride, one_d)
+        self.padding = _as_2d(padding, one_d, 0)
+        self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
+        self.divisor = divisor_override
+
+    def _as2d(self, t: Tensor) -> Tensor:
+        return t.unsqueeze(2) if self.one_d else t
+
+    def forward(self, x, ctx):
+        return self.linear(x, x.shape, None), x.shape
+
+    def linear(self, q, saved, K):
+        y = F.avg_pool2d(self._as2d(q), self.kernel, self.stride, self.padding, self.ceil_mode,
+                         self.count_include_pad, self.divisor)
+        return y.squeeze(2) if self.one_d else y
+
+    def transpose(self, c, saved, K):
+        shape_only = self._as2d(c.new_empty(1).expand(_rows(saved, c.shape[0])))
+        g = torch.ops.aten.avg_pool2d_backward(self._as2d(c), shape_only, self.kernel, self.stride, self.padding,
+                                               self.ceil_mode, self.count_include_pad, self.divisor)
+        return g.squeeze(2) if self.one_d else g
+
+    def descriptor(self):
+        return ("avgpool", [int(self.one_d), *self.kernel, *self.stride, *self.padding, int(self.ceil_mode),
+                            int(self.count_include_pad), int(self.divisor is not None), self.divisor or 0], [])
+
+
+class AdaptiveAvgPool(Unary):
+    """Adaptive average pool (global pooling included); ``Rᵀ`` is ``aten._adaptive_avg_pool2d_backward``."""
+
+    kind = "adaptive-avgpool"
+
+    def __init__(self, name, module, one_d: bool, output_size):
+        super().__init__(name, module)
+        self.one_d = one_d
+        self.output_size = [1, output_size if isinstance(output_size, int) else output_size[0]] if one_d else \
+            list(output_size) if isinstance(output_size, (tuple, list)) else [output_size, output_size]
+
+    def forward(self, x, ctx):
+        size = [s if s is not None else x.shape[2 + i - int(self.one_d)] for i, s in enumerate(self.output_size)]
+        return self._apply(x, size), (x.shape, size)
+
+    def _apply(self, q, size):
+        y = F.adaptive_avg_pool2d(q.unsqueeze(2) if self.one_d else q, size)
+        return y.squeeze(2) if self.one_d else y
+
+    def linear(self, q, saved, K):
+        return self._apply(q, saved[1])
+
+    def transpose(self, c, saved, K):
+        in_shape = _rows(saved[0], c.shape[0])
+        c2 = c.unsqueeze(2) if self.one_d else c
+        if self.one_d:
+            in_shape.insert(2, 1)
+        g = torch.ops.aten._adaptive_avg_pool2d_backward(c2.contiguous(), c2.new_empty(1).expand(in_shape))
+        return g.squeeze(2) if self.one_d else g
+
+
+class Mean(Unary):
+    """``x.mean(dims, keepdim)`` over non-batch dimensions (global average pooling written as a mean)."""
+
+    kind = "mean"
+
+    def __init__(self, name, dims: List[int], keepdim: bool):
+        super().__init__(name)
+        self.dims, self.keepdim = dims, keepdim
+
+    def forward(self, x, ctx):
+        dims = [d % x.dim() for d in self.dims]
+        if 0 in dims:
+            raise UnsupportedOp(f"{self.name} averages over the batch dimension")
+        return x.mean(dims, keepdim=self.keepdim), (x.shape, dims)
+
+    def linear(self, q, saved, K):
+        return q.mean(saved[1], keepdim=self.keepdim)
+
+    def transpose(self, c, saved, K):
+        in_shape, dims = saved
+        if not self.keepdim:
+            for d in sorted(dims):
+                c = c.unsqueeze(d)
+        return (c / math.prod(in_shape[d] for d in dims)).expand(_rows(in_shape, c.shape[0]))
+
+
+class Add(Op):
+    """``y = y_1 + y_2`` (residual sums; broadcasting over non-batch dimensions allowed): ``A q = Σ q_m``,
+    ``Aᵀ c = (c summed to the shape of each input)``."""
+
+    kind = "add"
+
+    def run(self, xs, ctx):
+        if len({x.dim() for x in xs}) != 1:
+            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        y = xs[0]
+        for x in xs[1:]:
+            y = y + x
+        return y, [x.shape for x in xs]
+
+    def tangent(self, qs, saved, K):
+        terms = [q for q in qs if q is not None]
+        y = terms[0]
+        for q in terms[1:]:
+            y = y + q
+        return y
+
+    def cotangent(self, c, saved, K):
+        out = []
+        for shape in saved:
+            g = c
+            dims = [d for d in range(1, c.dim()) if shape[d] == 1 and c.shape[d] != 1]
+            if dims:
+                g = g.sum(dims, keepdim=True)
+            out.append(g)
+        return out
+
+
+class Cat(Op):
+    """Concatenation along a non-batch dimension: ``A q = cat(q_m)``, ``Aᵀ c = split(c)``."""
+
+    kind = "cat"
+
+    def __init__(self, name, dim: int):
+        super().__init__(name)
+        self.dim = dim
+
+    def run(self, xs, ctx):
+        dim = self.dim % xs[0].dim()
+        if dim == 0:
+            raise UnsupportedOp(f"{self.name} concatenates along the batch dimension")
+        return torch.cat(xs, dim), (dim, [x.shape[dim] for x in xs], [x.shape for x in xs])
+
+    def tangent(self, qs, saved, K):
+        dim, sizes, shapes = saved
+        rows = next(q.shape[0] for q in qs if q is not None)
+        return torch.cat([q if q is not None else qs_zero(rows, s, qs) for q, s in zip(qs, shapes)], dim)
+
+    def cotangent(self, c, saved, K):
+        dim, sizes, _ = saved
+        return list(c.split(sizes, dim))
+
+
+def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
+    t = next(q for q in like if q is not None)
+    return t.new_zeros(_rows(shape, rows))
+
+
+class UnsupportedOp(RuntimeError):
+    """A traced call that the program cannot represent (raised at the first forward pass)."""
+
+
+# --------------------------------------------------------------------------------------------- opaque
+class Opaque(Op):
+    """Any other module or function: its four operators come from local autograd at the saved inputs,
+    reverse-over-reverse (§4, opaque nodes). Exact, not fused: each class copy is one local autograd call."""
+
+    kind = "opaque"
+    native = False
+    has_source = True
+
+    def __init__(self, name: str, fn: Callable[..., Tensor], module: Optional[nn.Module] = None) -> None:
+        super().__init__(name, module)
+        self.fn = fn
+
+    def params(self):
+        return [] if self.module is None else [p for p in self.module.parameters()]
+
+    def run(self, xs, ctx):
+        with torch.enable_grad():
+            xr = [x.detach().requires_grad_(True) for x in xs]
+            y = self.fn(*xr)
+        if not isinstance(y, Tensor):
+            raise UnsupportedOp(f"{self.name} returns {type(y).__name__}, not a tensor")
+        return y.detach(), (xr, y)
+
+    def _graph_inputs(self, saved, with_params: bool) -> List[Tensor]:
+        return list(saved[0]) + (self.params() if with_params else [])
+
+    @staticmethod
+    def _grad(outputs, inputs, grad_outputs, create_graph=False) -> List[Optional[Tensor]]:
+        wanted = [t for t in inputs if t.requires_grad]
+        if not wanted:
+            return [None] * len(inputs)
+        got = iter(torch.autograd.grad(outputs, wanted, grad_outputs, retain_graph=True, create_graph=create_graph,
+                                       allow_unused=True))
+        return [next(got) if t.requires_grad else None for t in inputs]
+
+    def _copies(self, t: Optional[Tensor], batch: int, k: int) -> List[Optional[Tensor]]:
+        return [None] * k if t is None else list(per_copy(t, batch).unbind(0))
+
+    def backward_step(self, c, saved, K):
+        xr, y = saved
+        B = y.shape[0]
+        per = [self._grad(y, xr, ci) for ci in per_copy(c, B)]
+        return [_stack_rows([p[m] for p in per], xr[m]) for m in range(len(xr))]
+
+    def bbp_step(self, xi, qs, saved, want, need_tangent, K):
+        xr, y = saved
+        B, params = y.shape[0], self.params()
+        k = next(q.shape[0] for q in qs if q is not None) // B
+        q_copies = [self._copies(q, B, k) for q in qs]
+        xi_copies = self._copies(xi, B, k)
+        tangents, mixed, sources = [], [None] * len(params), [None] * len(xr)
+        for i in range(k):
+            with torch.enable_grad():
+                v = (xi_copies[i] if xi_copies[i] is not None else torch.zeros_like(y)).detach().requires_grad_(True)
+                u = self._grad(y, xr, v, create_graph=True)               # u = Aᵀ v at (y, θ), differentiable
+                s = sum((ui * qc[i]).sum() for ui, qc in zip(u, q_copies) if ui is not None and qc[i] is not None)
+                if not isinstance(s, Tensor) or not s.requires_grad:
+                    tangents.append(torch.zeros_like(y))
+                    continue
+                targets = [v] + (list(xr) if xi is not None else []) + \
+                    ([p for p, w in zip(params, want) if w] if xi is not None else [])
+                got = torch.autograd.grad(s, targets, retain_graph=True, allow_unused=True)
+            tangents.append(got[0] if got[0] is not None else torch.zeros_like(y))
+            if xi is not None:
+                for m, g in enumerate(got[1:1 + len(xr)]):
+                    if g is not None:
+                        sources[m] = g if sources[m] is None else sources[m] + g
+                it = iter(got[1 + len(xr):])
+                for j, w in enumerate(want):
+                    if w:
+                        g = next(it)
+                        if g is not None:
+                            mixed[j] = g if mixed[j] is None else mixed[j] + g
+        q = torch.cat(tangents, 0) if need_tangent else None
+        return q, mixed, sources
+
+    def fbp_step(self, eta, saved, want_inputs, want, K):
+        xr, y = saved
+        params = self.params()
+        targets = (list(xr) if want_inputs else []) + [p for p, w in zip(params, want) if w]
+        got = self._grad(y, targets, eta) if targets else []
+        ins = [g if g is not None else torch.zeros_like(x) for g, x in zip(got[:len(xr)], xr)] if want_inputs else None
+        it = iter(got[len(xr) if want_inputs else 0:])
+        return ins, [next(it) if w else None for w in want]
+
+
+def _stack_rows(parts: List[Optional[Tensor]], like: Tensor) -> Tensor:
+    return torch.cat([p if p is not None else torch.zeros_like(like) for p in parts], 0)

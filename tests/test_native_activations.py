@@ -1,0 +1,196 @@
+"""Native smooth-activation kernels (csrc/kernels/activations.h) against autograd of the PyTorch functions:
+g'(z) ⊙ c (activation_derivative_multiply) and Σ_copies g''(z) ⊙ ξ ⊙ q (activation_source), for every name the
+extension knows, in float64 (to 1e-12), in low precision against float64, argument checks, and CPU/CUDA parity."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from dbprop import _C
+except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
+    pytest.skip("dbprop._C is not built", allow_module_level=True)
+
+# name -> (PyTorch function of (z, p1, p2), parameter sets (p1, p2) to test)
+REFERENCE = {
+    "gelu": (lambda z, p1, p2: F.gelu(z), [(0.0, 0.0)]),
+    "gelu_tanh": (lambda z, p1, p2: F.gelu(z, approximate="tanh"), [(0.0, 0.0)]),
+    "silu": (lambda z, p1, p2: F.silu(z), [(0.0, 0.0)]),
+    "elu": (lambda z, p1, p2: F.elu(z, alpha=p1), [(1.0, 0.0), (0.7, 0.0), (2.5, 0.0)]),
+    "softplus": (lambda z, p1, p2: F.softplus(z, beta=p1, threshold=p2),
+                 [(1.0, 20.0), (2.0, 20.0), (0.5, 5.0), (2.0, 3.0), (-1.5, 20.0)]),
+    "tanh": (lambda z, p1, p2: torch.tanh(z), [(0.0, 0.0)]),
+    "sigmoid": (lambda z, p1, p2: torch.sigmoid(z), [(0.0, 0.0)]),
+    "mish": (lambda z, p1, p2: F.mish(z), [(0.0, 0.0)]),
+}
+CASES = [(name, p1, p2) for name, (_, params) in REFERENCE.items() for p1, p2 in params]
+K = 3  # stacked copies (directions)
+
+
+def test_every_native_activation_is_tested():
+    assert sorted(_C.activation_names()) == sorted(REFERENCE)
+
+
+def draw_z(name, p1, p2, dtype=torch.float64, seed=0):
+    """Random z (4, 41): normal values, values near 0 (the kinks), large |z| and, for softplus, values at and
+    beyond the threshold β z = threshold."""
+    g = torch.Generator().manual_seed(seed)
+    special = [0.0, 1e-12, -1e-12, 1e-6, -1e-6, 1e-3, -1e-3, 0.5, -0.75, 3.0, -3.0, 6.0, -6.0, 9.0, -9.0, 15.0,
+               -15.0, 25.0, -25.0, 40.0, -40.0]
+    if name == "softplus":
+        edge = p2 / p1  # exactly representable for the parameter sets above
+        special += [edge, edge * (1 + 1e-9), edge * (1 - 1e-9), 2 * edge, edge + 1.0, edge - 1.0, 10 * edge]
+    z = torch.cat([3 * torch.randn(4 * 41 - len(special), generator=g, dtype=torch.float64),
+                   torch.tensor(special, dtype=torch.float64)])
+    return z[torch.randperm(z.numel(), generator=g)].view(4, 41).to(dtype)
+
+
+def autograd_derivatives(name, z, p1, p2):
+    """(g'(z), g''(z)) in float64 from autograd of the PyTorch function."""
+    fn = REFERENCE[name][0]
+    z = z.detach().to(torch.float64).requires_grad_(True)
+    (d1,) = torch.autograd.grad(fn(z, p1, p2).sum(), z, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), z)
+    return d1.detach(), d2
+
+
+def draw_copies(z, k=K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((k, *z.shape), generator=g, dtype=torch.float64).to(z.dtype) for _ in range(3)]
+
+
+def references(name, p1, p2, z, c, xi, q):
+    d1, d2 = autograd_derivatives(name, z, p1, p2)
+    return d1 * c.double(), (d2 * xi.double() * q.double()).sum(0)
+
+
+@pytest.mark.parametrize("name,p1,p2", CASES)
+@pytest.mark.parametrize("k", [1, K])
+def test_float64_matches_autograd(name, p1, p2, k):
+    z = draw_z(name, p1, p2)
+    c, xi, q = draw_copies(z, k)
+    ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
+    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
+    src = _C.activation_source(xi, q, z, name, p1, p2)
+    assert out.shape == c.shape and out.dtype == torch.float64
+    assert src.shape == z.shape and src.dtype == torch.float64
+    torch.testing.assert_close(out, ref_mul, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(src, ref_src, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name,p1,p2", CASES)
+def test_derivatives_match_autograd_float64(name, p1, p2):
+    """g' and g'' themselves (c = ξ = q = 1, one copy), including the exact kink/threshold conventions."""
+    z = draw_z(name, p1, p2, seed=5)
+    d1, d2 = autograd_derivatives(name, z, p1, p2)
+    ones = torch.ones_like(z)
+    torch.testing.assert_close(_C.activation_derivative_multiply(ones, z, name, p1, p2), d1, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_C.activation_source(ones, ones, z, name, p1, p2), d2, rtol=1e-12, atol=1e-14)
+
+
+def test_conventions_at_kinks():
+    z = torch.tensor([-1e-300, 0.0, 1e-300], dtype=torch.float64)
+    one = torch.ones_like(z)
+    # elu: g' = α exp(z) for z <= 0, g'' = α exp(z) only for z < 0 (PyTorch's elu_backward / double backward)
+    assert _C.activation_derivative_multiply(one, z, "elu", 1.5, 0.0).tolist() == [1.5, 1.5, 1.0]
+    assert _C.activation_source(one, one, z, "elu", 1.5, 0.0).tolist() == [1.5, 0.0, 0.0]
+    # softplus: g' = 1 only beyond the threshold (β z > t), g'' = 0 from the threshold on (β z >= t)
+    z = torch.tensor([10.0, 10.5], dtype=torch.float64)
+    one = torch.ones_like(z)
+    d1 = _C.activation_derivative_multiply(one, z, "softplus", 2.0, 20.0)
+    assert d1[0].item() == pytest.approx(1 / (1 + torch.exp(torch.tensor(-20.0, dtype=torch.float64)).item()),
+                                         rel=1e-15)
+    assert d1[1].item() == 1.0
+    assert _C.activation_source(one, one, z, "softplus", 2.0, 20.0).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name,p1,p2", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_low_precision_against_float64(name, p1, p2, dtype, tol):
+    """Low precision: op-math (float) evaluation of the rounded inputs, rounded once at the end."""
+    z = draw_z(name, p1, p2, dtype=dtype, seed=2)
+    c, xi, q = draw_copies(z, seed=3)
+    ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
+    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
+    src = _C.activation_source(xi, q, z, name, p1, p2)
+    assert out.dtype == dtype and src.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_mul, rtol=tol, atol=tol * ref_mul.abs().max().item())
+    torch.testing.assert_close(src.double(), ref_src, rtol=tol, atol=tol * ref_src.abs().max().item())
+
+
+def test_large_tensor_parallel_matches_small_chunks():
+    """The parallel launchers give the result of the element bodies regardless of chunking (and repeat exactly)."""
+    z = torch.randn(3, 5000, dtype=torch.float64)
+    c, xi, q = draw_copies(z)
+    for name, p1, p2 in CASES:
+        out = _C.activation_derivative_multiply(c, z, name, p1, p2)
+        src = _C.activation_source(xi, q, z, name, p1, p2)
+        assert torch.equal(out, _C.activation_derivative_multiply(c, z, name, p1, p2))
+        assert torch.equal(src, _C.activation_source(xi, q, z, name, p1, p2))
+        part = slice(0, 7)
+        assert torch.equal(out[:, :, part],
+                           _C.activation_derivative_multiply(c[:, :, part].contiguous(), z[:, part].contiguous(),
+                                                             name, p1, p2))
+        assert torch.equal(src[:, part], _C.activation_source(xi[:, :, part].contiguous(), q[:, :, part].contiguous(),
+                                                              z[:, part].contiguous(), name, p1, p2))
+
+
+def test_argument_checks():
+    z = torch.randn(2, 5, dtype=torch.float64)
+    c = torch.randn(3, 2, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="unknown activation 'relu'.*gelu.*mish"):
+        _C.activation_derivative_multiply(c, z, "relu", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        _C.activation_source(c, c, z, "GELU", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="cotangent is Float but z is Double"):
+        _C.activation_derivative_multiply(c.float(), z, "gelu", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="q is Float but z is Double"):
+        _C.activation_source(c, c.float(), z, "gelu", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="whole positive number of copies"):
+        _C.activation_derivative_multiply(torch.randn(11, dtype=torch.float64), z, "gelu", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="whole positive number of copies"):
+        _C.activation_source(torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64), z, "silu",
+                             0.0, 0.0)
+    with pytest.raises(RuntimeError, match="xi has 30 elements but q has 20"):
+        _C.activation_source(c, c[:2].contiguous(), z, "silu", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="empty"):
+        _C.activation_derivative_multiply(c, z[:0], "tanh", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="whole positive number of copies"):
+        _C.activation_derivative_multiply(c[:0], z, "tanh", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="must be floating point"):
+        _C.activation_derivative_multiply(c.long(), z.long(), "tanh", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        _C.activation_derivative_multiply(c.transpose(1, 2), z, "tanh", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        _C.activation_source(c, c, z.t(), "tanh", 0.0, 0.0)
+
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get("cuda")),
+                          reason="needs a GPU and dbprop._C built with CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name,p1,p2", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_equals_cpu(name, p1, p2, dtype, tol):
+    z = draw_z(name, p1, p2, dtype=dtype, seed=4)
+    c, xi, q = draw_copies(z, seed=6)
+    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
+    src = _C.activation_source(xi, q, z, name, p1, p2)
+    out_gpu = _C.activation_derivative_multiply(c.cuda(), z.cuda(), name, p1, p2)
+    src_gpu = _C.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2)
+    assert out_gpu.is_cuda and src_gpu.is_cuda and out_gpu.dtype == dtype and src_gpu.dtype == dtype
+    torch.testing.assert_close(out_gpu.cpu().double(), out.double(), rtol=tol, atol=tol * out.abs().max().item())
+    torch.testing.assert_close(src_gpu.cpu().double(), src.double(), rtol=tol, atol=tol * src.abs().max().item())
+    # deterministic: one writer per element, no atomics
+    assert torch.equal(src_gpu, _C.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2))
+    if dtype == torch.float64:
+        ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
+        torch.testing.assert_close(out_gpu.cpu(), ref_mul, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(src_gpu.cpu(), ref_src, rtol=1e-12, atol=1e-14)
+
+
+@cuda
+def test_cuda_argument_checks():
+    z = torch.randn(2, 5, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="is on"):
+        _C.activation_derivative_multiply(torch.randn(3, 2, 5, dtype=torch.float64), z, "gelu", 0.0, 0.0)
