@@ -1,4 +1,4 @@
-// Algorithm 4 (DESIGN.md §4) as one native call: exact Jacobian penalty (directions e_i) or its random
+// Algorithm 4 (docs/maths.md §6) as one native call: exact Jacobian penalty (directions e_i) or its random
 // projection estimate (given directions), logits or softmax output, classes in chunks of `chunk`.
 #include "algorithm4.h"
 

@@ -1,4 +1,4 @@
-// The four passes over a stage program (DESIGN.md §2), each one native call over all ops.
+// The four passes over a stage program (docs/maths.md §2.2), each one native call over all ops.
 // Mirrors dbprop/passes.py and dbprop/nodes.py (the readable reference) node for node on chains.
 #include "program.h"
 

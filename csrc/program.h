@@ -1,4 +1,4 @@
-// The stage program on the native side (DESIGN.md §1): op descriptors handed over once per call, the
+// The chain program on the native side (docs/maths.md §1, §2): op descriptors handed over once per call, the
 // forward state, and the four passes. Convolutions and products go through ATen (oneDNN / cuDNN, cuBLAS).
 #pragma once
 

@@ -1,6 +1,7 @@
-"""Algorithm 4 (DESIGN.md §4), generalised to every penalty of §3: one forward pass, then per chunk of
-directions a batched backward and backward-backward pass, and at most ONE forward-backward pass from the
-accumulated ``η̂_L`` (none at all when ``η ≡ 0``, i.e. logits outputs with constant ``v``)."""
+"""Algorithm 4 on DAG programs (docs/maths.md §6), generalised to every penalty of §5: one forward pass, then per
+chunk of directions a batched backward and backward-backward pass, and at most ONE forward-backward pass from the
+accumulated ``η̂_L`` and sources ``ŝ`` (none at all when both vanish: logits outputs with constant ``v`` on programs
+without second-order sources)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The penalties as ``nn.Module``s built around a model (DESIGN.md §5).
+"""The penalties as ``nn.Module``s built around a model (README, Usage).
 
 ``forward`` returns a scalar (or per-sample values with ``reduction="none"``) whose ``.backward()``
 delivers the parameter gradients computed by the explicit passes, so

@@ -91,7 +91,7 @@ class PythonKernels:
         return (per_copy(c, d1.shape[0]) * d1).flatten(0, 1)
 
     def smooth_source(self, xi: Tensor, q: Tensor, saved: Any, act: Smooth) -> Tensor:
-        """``Σ_copies g''(z) ⊙ ξ ⊙ q`` (docs/maths.md §4, smooth activations)."""
+        """``Σ_copies g''(z) ⊙ ξ ⊙ q`` (docs/maths.md §4.8)."""
         d2 = saved[1]
         return (per_copy(xi, d2.shape[0]) * per_copy(q, d2.shape[0])).sum(0) * d2
 
@@ -190,7 +190,7 @@ class Unary(Op):
 
 # --------------------------------------------------------------------------------------------- affine
 class Affine(Unary):
-    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (§4, affine nodes).
+    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
     ``saved`` is ``(x or None, x.shape)``."""
 
     kind = "affine"
@@ -321,7 +321,7 @@ class Conv(Affine):
 
 # --------------------------------------------------------------------------------------- batch norm
 class BatchNorm(Unary):
-    """BatchNorm1d/2d (§4, BatchNorm). Eval mode (running statistics): the per-channel affine map
+    """BatchNorm1d/2d (docs/maths.md §4.9). Eval mode (running statistics): the per-channel affine map
     ``y = γ (x − μ)/σ + β``. Train mode (batch statistics, or ``track_running_stats=False``): with
     ``x̂ = (x − μ_B)/σ_B`` and means ``m(·)`` over the ``N`` = batch·spatial elements of each channel
     (and of each class copy),
@@ -377,6 +377,12 @@ class BatchNorm(Unary):
         """Per-channel means over each copy's batch and spatial positions, ``t`` of shape ``(k, B, C, ...)``."""
         return t.mean([1, *range(3, t.dim())], keepdim=True)
 
+    def _moments(self, xi: Tensor, q: Tensor, xhat: Tensor):
+        """Per copy ``(ξ, q, m(ξ), m(q), cov(ξ, q), u = m(ξ x̂), w = m(x̂ q))``, ``ξ`` and ``q`` as ``(k, B, ...)``."""
+        xis, qs = per_copy(xi, xhat.shape[0]), per_copy(q, xhat.shape[0])
+        m_xi, m_q = self._means(xis), self._means(qs)
+        return xis, qs, m_xi, m_q, self._means(xis * qs) - m_xi * m_q, self._means(xis * xhat), self._means(xhat * qs)
+
     def linear(self, q, saved, K):
         aux, invstd, train = saved
         scale = self._channel(self._gamma(invstd), q.dim())
@@ -395,22 +401,14 @@ class BatchNorm(Unary):
         q, dim = qs[0], xi.dim()
         if not train:  # ∂_γ ⟨ξ, (γ/σ) q⟩ = Σ ξ q / σ
             return [(xi * q).sum([0, *range(2, dim)]) * invstd, None]
-        B = aux.shape[0]
-        xis, qs_, xhat = per_copy(xi, B), per_copy(q, B), aux
+        xhat = aux
+        _, _, _, _, cov, u, w = self._moments(xi, q, xhat)
         n = xhat.numel() // xhat.shape[1]
-        m_xi, m_q = self._means(xis), self._means(qs_)
-        cov = self._means(xis * qs_) - m_xi * m_q
-        u, w = self._means(xis * xhat), self._means(xhat * qs_)
-        term = (cov - u * w).sum(0).flatten()  # summed over class copies
-        return [n * invstd * term, None]
+        return [n * invstd * (cov - u * w).sum(0).flatten(), None]  # summed over class copies
 
     def source(self, xi, qs, saved, K):
         xhat, invstd, _ = saved
-        B, q = xhat.shape[0], qs[0]
-        xis, qs_ = per_copy(xi, B), per_copy(q, B)
-        m_xi, m_q = self._means(xis), self._means(qs_)
-        cov = self._means(xis * qs_) - m_xi * m_q
-        u, w = self._means(xis * xhat), self._means(xhat * qs_)
+        xis, qs_, m_xi, m_q, cov, u, w = self._moments(xi, qs[0], xhat)
         s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs_ - m_q)
         g = self._gamma(invstd) * invstd
         return [s.sum(0) * self._channel(g, xhat.dim())]
@@ -757,7 +755,7 @@ class UnsupportedOp(RuntimeError):
 # --------------------------------------------------------------------------------------------- opaque
 class Opaque(Op):
     """Any other module or function: its four operators come from local autograd at the saved inputs,
-    reverse-over-reverse (§4, opaque nodes). Exact, not fused: each class copy is one local autograd call."""
+    reverse-over-reverse (docs/maths.md §4.10). Exact, not fused: each class copy is one local autograd call."""
 
     kind = "opaque"
     native = False

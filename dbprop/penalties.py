@@ -1,4 +1,4 @@
-"""The penalties of DESIGN.md §3: directions ``v``, ``p(ξ_0)``, ``q_0 = ∇p(ξ_0)`` and the output terms ``ζ_L``, ``η_L``.
+"""The penalties of docs/maths.md §5: directions ``v``, ``p(ξ_0)``, ``q_0 = ∇p(ξ_0)`` and the output terms ``ζ_L``, ``η_L``.
 
 A penalty ("head") sees the model output ``o`` (logits, shape ``(B, C)``) and, per direction ``v`` (a
 batch of output cotangents, shape ``(k, B, C)``), the per-sample input gradients ``ξ_0 = (dx_L/dx_0)* v``

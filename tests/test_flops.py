@@ -1,5 +1,5 @@
 """FLOPs of the exact Jacobian penalty (counted by a TorchDispatchMode with torch.utils.flop_counter's formulas)
-equal the analytic count of DESIGN.md §4 and are strictly below autograd double backprop's."""
+equal the analytic count of docs/maths.md §8.1 and are strictly below autograd double backprop's."""
 import pytest
 import torch
 

@@ -50,7 +50,7 @@ HEADS = {
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_q0_and_input_grad_are_gradients_of_p(name):
-    """q_0 = ∇ξ p and input_grad = ∂p/∂x, as in DESIGN.md §3, checked by autograd on p."""
+    """q_0 = ∇ξ p and input_grad = ∂p/∂x, as in docs/maths.md §5, checked by autograd on p."""
     head = HEADS[name]()
     torch.manual_seed(3)
     xi = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -64,7 +64,7 @@ def test_q0_and_input_grad_are_gradients_of_p(name):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_softmax_eta_is_derivative_of_output_cotangent(seed):
-    """(3.15): η_L = ∇z ⟨S(z) v, h⟩, general v and the e_i special case of DESIGN.md §3."""
+    """(3.15): η_L = ∇z ⟨S(z) v, h⟩, general v and the e_i special case of docs/maths.md §4.11."""
     g = torch.Generator().manual_seed(seed)
     z, v, h = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3))
     z.requires_grad_(True)

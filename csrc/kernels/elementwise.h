@@ -15,7 +15,7 @@
 namespace dbprop {
 namespace kernels {
 
-// Number of bytes holding the derivative bits of n elements (1 bit per element, DESIGN.md §1).
+// Number of bytes holding the derivative bits of n elements (1 bit per element, docs/maths.md §4.7).
 DBPROP_HD int64_t packed_bytes(int64_t n) { return (n + 7) / 8; }
 
 // a = g'(z) ∈ {slope, 1} read from packed bits: bit e of the per-sample-batch mask.
@@ -82,7 +82,7 @@ DBPROP_HD acc_t mask_multiply_run(const scalar_t* c, const uint8_t* bits, scalar
   return total;
 }
 
-// Softmax output terms for one sample and one direction (DESIGN.md §3), x = softmax(z_L), C classes:
+// Softmax output terms for one sample and one direction (docs/maths.md §4.11), x = softmax(z_L), C classes:
 //   ζ_L = S v = x ⊙ v − ⟨x, v⟩ x                                    (zeta, length C)
 // and, given the tangent h = h_L of that direction, (3.15) added into eta (length C):
 //   η_L += x⊙v⊙h − ⟨x,v⟩ x⊙h − ⟨x,h⟩ x⊙v − ⟨x,v⊙h⟩ x + 2⟨x,v⟩⟨x,h⟩ x
@@ -110,7 +110,7 @@ DBPROP_HD void softmax_eta_accumulate(const scalar_t* x, const scalar_t* v, cons
   }
 }
 
-// Penalty heads (DESIGN.md §3) for one row: one direction of one sample, n input features, sample weight w.
+// Penalty heads (docs/maths.md §5) for one row: one direction of one sample, n input features, sample weight w.
 // Returns p(ξ_0); writes q_0 = w ∇p(ξ_0) (if q0) and adds w ∂p/∂x (if gx; the direct x-dependence of p).
 //   kSquaredNorm  p = s‖ξ‖²                         q_0 = 2sξ                            (params: s)
 //   kSpectral     p = ‖ξ‖                           q_0 = ξ/‖ξ‖                          (v held constant)
