@@ -283,8 +283,8 @@ def plan(smoke):
     main5 = ["plain", "autograd_jacobian", "dbprop_jacobian", "autograd_double_backprop", "dbprop_double_backprop"]
     rows = [("1", dict(rn, mode="train"), main5, ["dbprop_jacobian", "dbprop_double_backprop"]),
             ("2", dict(rn, mode="eval"), main5, ["dbprop_jacobian", "dbprop_double_backprop"]),
-            ("3", dict(rn, mode="train"), ["dbprop_jacobian_chunk1"], ["dbprop_jacobian_chunk1"]),
-            ("4", dict(cr, mode="train"), ["autograd_wgan_gp", "dbprop_wgan_gp"], ["dbprop_wgan_gp"])]
+            ("4", dict(cr, mode="train"), ["autograd_wgan_gp", "dbprop_wgan_gp"], ["dbprop_wgan_gp"]),
+            ("3", dict(rn, mode="train"), ["dbprop_jacobian_chunk1"], ["dbprop_jacobian_chunk1"])]
     return rows
 
 
