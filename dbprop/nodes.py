@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -775,9 +775,6 @@ class Opaque(Op):
         if not isinstance(y, Tensor):
             raise UnsupportedOp(f"{self.name} returns {type(y).__name__}, not a tensor")
         return y.detach(), (xr, y)
-
-    def _graph_inputs(self, saved, with_params: bool) -> List[Tensor]:
-        return list(saved[0]) + (self.params() if with_params else [])
 
     @staticmethod
     def _grad(outputs, inputs, grad_outputs, create_graph=False) -> List[Optional[Tensor]]:

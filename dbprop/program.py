@@ -90,17 +90,6 @@ MODULE_KINDS: Dict[type, Callable[[str, nn.Module], N.Op]] = {
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def supported_kinds() -> Dict[str, str]:
-    """Module type name -> node kind, for the docs and ``explain``."""
-    out = {}
-    for t, make in MODULE_KINDS.items():
-        args = {nn.Linear: (3, 2), nn.Conv1d: (1, 1, 1), nn.Conv2d: (1, 1, 1), nn.BatchNorm1d: (1,),
-                nn.BatchNorm2d: (1,), nn.MaxPool1d: (1,), nn.MaxPool2d: (1,), nn.AvgPool1d: (1,), nn.AvgPool2d: (1,),
-                nn.AdaptiveAvgPool1d: (1,), nn.AdaptiveAvgPool2d: (1,), nn.Unflatten: (1, (1,))}.get(t, ())
-        out[t.__name__] = make("", t(*args)).kind
-    return out
-
-
 # ------------------------------------------------------------------------------------- refusals
 def _unwrap(model: nn.Module) -> nn.Module:
     """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
@@ -386,9 +375,8 @@ class Program:
             kw.pop("inplace", None)
             if target in _FUNCTION_ACTIVATIONS:
                 cls = _FUNCTION_ACTIVATIONS[target]
-                renames = {"negative_slope": "negative_slope", "min_val": "min_val", "max_val": "max_val"}
                 try:
-                    module = cls(**{renames.get(k, k): v for k, v in kw.items()})
+                    module = cls(**kw)
                 except TypeError:
                     return self._opaque(node, inputs)
                 return MODULE_KINDS[cls](name, module)
