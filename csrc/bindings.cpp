@@ -5,6 +5,7 @@
 #include "algorithm4.h"
 #include "elementwise.h"
 #include "program.h"
+#include "workspace.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -100,6 +101,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                       scale, sample_weight, want_weight, want_bias, need_input_grad);
     return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x));
   }, "Algorithm 4: (values, weight grads, bias grads, input grad) of the Jacobian penalty.");
+
+  // the passes' host workspace (csrc/workspace.h; dbprop/memory.py)
+  m.def("workspace_enter", &dbprop::workspace::enter);
+  m.def("workspace_exit", &dbprop::workspace::exit);
+  m.def("workspace_release_cached", &dbprop::workspace::release_cached);
+  m.def("workspace_set_enabled", &dbprop::workspace::set_enabled);
+  m.def("workspace_stats", [] {
+    const auto s = dbprop::workspace::stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["in_use_bytes"] = s.in_use_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["depth"] = s.depth;
+    d["enabled"] = s.enabled;
+    return d;
+  });
 
   // element kernels (tests and the Python engine)
   m.def("forward_epilogue", [](const at::Tensor& z, const OptTensor& bias, int64_t channels, int64_t inner,

@@ -6,10 +6,11 @@ of Etmann (2019), with the accumulated-eta algorithm for exact Jacobian penaltie
 """
 import torch  # noqa: F401  (must be imported before the native extension)
 
-from . import analysis, functional
+from . import analysis, functional, memory
 from .backends import backend_info, native_available
 from .errors import UnsupportedModelError
 from .functional import FallbackWarning
+from .memory import empty_cache, set_workspace_enabled, workspace_stats
 from .modules import (AlignmentPenalty, DoubleBackpropLoss, GradientPenalty, JacobianPenalty, OutputGradientPenalty,
                       RelevancePenalty, SpectralNormPenalty)
 from .program import Program, compile_model
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = ["JacobianPenalty", "OutputGradientPenalty", "DoubleBackpropLoss", "SpectralNormPenalty",
            "RelevancePenalty", "AlignmentPenalty", "GradientPenalty", "functional", "compile_model", "Program",
-           "UnsupportedModelError", "FallbackWarning", "analysis", "native_available", "backend_info", "__version__"]
+           "UnsupportedModelError", "FallbackWarning", "analysis", "native_available", "backend_info", "memory", "empty_cache", "workspace_stats",
+           "set_workspace_enabled", "__version__"]

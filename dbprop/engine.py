@@ -10,7 +10,7 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-from . import native, passes
+from . import memory, native, passes
 from .nodes import PythonKernels
 from .passes import ForwardState, ParamGrads
 from .penalties import JacobianFrobenius, Penalty, _bcast
@@ -59,14 +59,21 @@ def _accumulate(total: Optional[Tensor], term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
+def run(program: Program, head: Penalty, x: Tensor, **options) -> Result:
+    """Per-sample penalty values and, if asked, the gradients of ``Σ_b w_b R_b`` (docs/maths.md §6); see
+    ``_run`` for the options. On CPU the passes' work tensors come from the workspace (dbprop/memory.py)."""
+    if x.device.type != "cpu":
+        return _run(program, head, x, **options)
+    with memory.workspace():
+        return _run(program, head, x, **options)
+
+
 @torch.no_grad()
-def run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[float, Tensor] = 1.0,
+def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[float, Tensor] = 1.0,
         need_param_grads: bool = False, need_input_grad: bool = False, chunk_size: Optional[int] = None,
         fp: Optional[ForwardState] = None, keep_fp: bool = False, backend: str = "python",
         update_stats: bool = False) -> Result:
-    """Per-sample penalty values and, if asked, the gradients of ``Σ_b w_b R_b`` (docs/maths.md §6).
-
-    ``sample_weight`` ``w`` scales ``q_0`` (and the loss cotangent) per sample; parameter gradients are
+    """``sample_weight`` ``w`` scales ``q_0`` (and the loss cotangent) per sample; parameter gradients are
     summed over the batch, the input gradient stays per sample. ``fp`` reuses an earlier forward pass;
     ``keep_fp`` asks for the forward state in the result. ``backend``: "python" or "native".
     ``update_stats``: the forward pass updates BatchNorm running statistics as ``model(x)`` would.
