@@ -1,5 +1,6 @@
-"""Measurements: wall time (median and min after warm-up) and peak memory (each contender in its own
-subprocess: peak RSS above the baseline, and torch.cuda.max_memory_allocated on a GPU). FLOPs: dbprop.analysis.flops."""
+"""Measurements: wall time in process (median and min after warm-up) and in a fresh process per contender
+(bench/probe.py: cold call, warm median, page faults, peak RSS above the baseline, and
+torch.cuda.max_memory_allocated on a GPU). FLOPs: dbprop.analysis.flops."""
 import json
 import os
 import resource
@@ -56,13 +57,14 @@ def peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def peak_memory(spec: dict, timeout=600):
-    """Run one contender once in a fresh interpreter (``python -m bench.probe SPEC``); peak MB above baseline."""
+def fresh_process(spec: dict, timeout=1200):
+    """Run one contender in a fresh interpreter (``python -m bench.probe SPEC``): cold and warm median seconds,
+    minor page faults per warm call, peak MB above the baseline."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-m", "bench.probe", json.dumps(spec)], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"fresh-process probe failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

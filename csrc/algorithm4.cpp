@@ -1,19 +1,33 @@
 // Algorithm 4 (docs/maths.md §6) as one native call: exact Jacobian penalty (directions e_i) or its random
-// projection estimate (given directions), logits or softmax output, classes in chunks of `chunk`.
+// projection estimate (given directions), logits or softmax output, classes in chunks (sizes `chunks`).
 #include "algorithm4.h"
 
 #include "elementwise.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 
-namespace dbprop {
+#include <chrono>
 
-JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax, int64_t chunk,
-                                int64_t chunk_budget_bytes, const at::Tensor& directions, double scale,
-                                const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
-                                const std::vector<bool>& want_bias, bool need_input_grad) {
-  TORCH_CHECK(chunk >= 0, "chunk_size must be >= 1 (or 0 for automatic), got ", chunk);
+namespace dbprop {
+namespace {
+
+// Wall seconds since `t0` once the device has finished the work queued so far (chunk-size tuning).
+double elapsed(std::chrono::steady_clock::time_point t0, const at::Device& device) {
+  if (!device.is_cpu()) c10::impl::getDeviceGuardImpl(device.type())->synchronizeDevice(device.index());
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax,
+                                const std::vector<int64_t>& chunks, int64_t chunk_budget_bytes, bool time_chunks,
+                                const at::Tensor& directions, double scale, const at::Tensor& sample_weight,
+                                const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
+                                bool need_input_grad) {
+  TORCH_CHECK(!chunks.empty(), "jacobian_penalty: the chunk schedule is empty");
+  for (int64_t c : chunks) TORCH_CHECK(c >= 1, "chunk sizes must be >= 1, got ", c);
   const size_t L = p.weights.size();
   TORCH_CHECK(want_weight.size() == L && want_bias.size() == L, "want_weight/want_bias need ", L, " entries");
   bool want_params = false;
@@ -37,9 +51,11 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   const at::Tensor probs = softmax ? at::softmax(o, 1).contiguous() : at::Tensor();
   const at::Tensor eye = directions.defined() ? at::Tensor() : at::eye(C, o.options());
   const int64_t n = directions.defined() ? directions.size(0) : C;
-  if (chunk == 0) {  // as many directions as fit the budget (dbprop.engine.default_chunk_size)
+
+  int64_t cap = n;  // chunk_budget_bytes > 0: no pass holds more directions than fit the budget
+  if (chunk_budget_bytes > 0) {
     const int64_t per_direction = std::max<int64_t>(1, 2 * B * s->numel_per_sample * o.element_size());
-    chunk = std::max<int64_t>(1, std::min<int64_t>(n, chunk_budget_bytes / per_direction));
+    cap = std::max<int64_t>(1, std::min<int64_t>(n, chunk_budget_bytes / per_direction));
   }
 
   JacobianResult r;
@@ -47,8 +63,10 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   at::Tensor eta = fbp ? at::zeros({B, C}, o.options().dtype(acc)) : at::Tensor();
   r.grad_w.resize(L);
   r.grad_b.resize(L);
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t k = std::min(chunk, n - start);
+  for (int64_t start = 0, i = 0; start < n; start += r.chunk_sizes.back(), ++i) {
+    const int64_t k = std::min({chunks[std::min<size_t>(i, chunks.size() - 1)], cap, n - start});
+    r.chunk_sizes.push_back(k);
+    const auto t0 = std::chrono::steady_clock::now();
     at::Tensor v = directions.defined() ? directions.narrow(0, start, k).contiguous()
                                         : eye.narrow(0, start, k).unsqueeze(1).expand({k, B, C}).contiguous();
     at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
@@ -56,9 +74,11 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
     at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), 0 /* squared norm */, scale, 0.0, sample_weight,
                                              r.value, need_any, false));
-    if (!want_params && !fbp) continue;  // nothing downstream of q_0 is wanted
-    at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
-    if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)
+    if (want_params || fbp) {  // else nothing downstream of q_0 is wanted
+      at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
+      if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)
+    }
+    if (time_chunks) r.chunk_seconds.push_back(elapsed(t0, o.device()));
   }
   if (fbp) r.grad_x = forward_backward(p, *s, eta.to(o.scalar_type()), r.grad_w, r.grad_b, want_weight, want_bias,
                                        need_input_grad);

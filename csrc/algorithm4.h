@@ -10,12 +10,17 @@ struct JacobianResult {
   std::vector<at::Tensor> grad_w;   // per affine op (undefined where not wanted)
   std::vector<at::Tensor> grad_b;
   at::Tensor grad_x;                // per-sample ∇x R_b · w_b (undefined unless asked)
+  std::vector<int64_t> chunk_sizes;  // directions per batched pass, in order
+  std::vector<double> chunk_seconds;  // their wall seconds (device synchronised), if asked
 };
 
-// chunk = 0: as many directions per batched pass as fit chunk_budget_bytes.
-JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax, int64_t chunk,
-                                int64_t chunk_budget_bytes, const at::Tensor& directions, double scale,
-                                const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
-                                const std::vector<bool>& want_bias, bool need_input_grad);
+// `chunks`: directions per batched pass in order, the last size repeated until all n are done
+// (dbprop/tuning.py chooses them), none larger than fits `chunk_budget_bytes` (0: no limit);
+// `time_chunks`: measure each pass.
+JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax,
+                                const std::vector<int64_t>& chunks, int64_t chunk_budget_bytes, bool time_chunks,
+                                const at::Tensor& directions, double scale, const at::Tensor& sample_weight,
+                                const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
+                                bool need_input_grad);
 
 }  // namespace dbprop

@@ -13,10 +13,12 @@ from torch import Tensor
 from . import memory, native, passes
 from .nodes import PythonKernels
 from .passes import ForwardState, ParamGrads
+from .tuning import ChunkTimer
 from .penalties import JacobianFrobenius, Penalty, _bcast
 from .program import Program
 
-#: memory the class chunks may use for their cotangents when ``chunk_size=None``
+#: memory the class chunks may use for their cotangents when ``chunk_size=None`` (dbprop/tuning.py picks the
+#: fastest size within it)
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2 ** 20
 
 
@@ -49,10 +51,23 @@ def make_passes(program: Program, backend: str):
     return passes.Passes(program, PythonKernels())
 
 
-def default_chunk_size(fp: ForwardState, num_directions: int, batch: int) -> int:
-    """Directions per batched pass: all of them if their cotangents fit the budget, fewer otherwise."""
+def chunk_cap(fp: ForwardState, num_directions: int, batch: int) -> int:
+    """The most directions per batched pass whose cotangents fit ``DEFAULT_CHUNK_BUDGET_BYTES``."""
     per_direction = 2 * batch * fp.numel_per_sample * fp.output.element_size()
     return max(1, min(num_directions, DEFAULT_CHUNK_BUDGET_BYTES // max(1, per_direction)))
+
+
+def _tuning_key(head: Penalty, x: Tensor, n: int, *flags) -> tuple:
+    return (type(head).__name__, head.output, n, tuple(x.shape), x.dtype, str(x.device), *flags)
+
+
+def _chunks(schedule: List[int], n: int, cap: int):
+    """``(start, size)`` of each batched pass: ``schedule`` in order, its last size repeated, none above ``cap``."""
+    start, i = 0, 0
+    while start < n:
+        k = min(schedule[min(i, len(schedule) - 1)], cap, n - start)
+        yield start, k
+        start, i = start + k, i + 1
 
 
 def _accumulate(total: Optional[Tensor], term: Tensor) -> Tensor:
@@ -82,11 +97,19 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
     grads = ParamGrads(program) if need_param_grads else None
     B = x.shape[0]
     w = torch.as_tensor(sample_weight, dtype=x.dtype, device=x.device).expand(B).reshape(1, B)
+    tuner, key = program.chunk_tuner, None
     if (backend == "native" and program.native_chain and fp is None and not keep_fp
             and isinstance(head, JacobianFrobenius) and head.estimator == "exact"):  # Algorithm 4 in one call
-        value, input_grad = native.jacobian_penalty(program, x, head.output == "softmax", chunk_size or 0,
-                                                    DEFAULT_CHUNK_BUDGET_BYTES, None, 1.0, w[0].contiguous(), grads,
-                                                    need_input_grad)
+        if chunk_size is None:
+            key = _tuning_key(head, x, None, need_param_grads, need_input_grad, backend)
+            schedule = tuner.schedule(key, native.chain_num_classes(program))
+        else:
+            schedule = [chunk_size]
+        value, input_grad, sizes, seconds = native.jacobian_penalty(
+            program, x, head.output == "softmax", schedule, DEFAULT_CHUNK_BUDGET_BYTES if key else 0,
+            key is not None and tuner.tuning(key), None, 1.0, w[0].contiguous(), grads, need_input_grad)
+        if seconds:
+            tuner.record(key, sizes, seconds)
         return Result(value, grads.as_list() if grads else None, input_grad, None)
     P = make_passes(program, backend)
     fbp = need_any and (head.has_eta or program.has_sources)  # η ≢ 0: one forward-backward pass
@@ -101,37 +124,44 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
     sources: Optional[dict] = {} if fbp else None   # ŝ, summed over class chunks (§6)
     keep_nodes = P.nodes_with_second_order_terms(grads, fbp) if need_any else set()
     n = head.num_directions
-    k = chunk_size or default_chunk_size(fp, n, B)
-    for start in range(0, n, k):
-        v = head.directions(start, min(n, start + k))
-        kk = v.shape[0]
-        zeta_L = head.output_cotangent(v)                                      # ζ_L, (k, B, C)
-        xi, kept = P.backward(fp, zeta_L.flatten(0, 1), keep=bool(keep_nodes), keep_nodes=keep_nodes)
-        xi = xi.unflatten(0, (kk, B))                                          # ξ_0, (k, B, ...)
-        if backend == "native" and head.native_head is not None:             # p, q_0, ∂p/∂x in one kernel
-            want_direct = need_input_grad and head.reads_x
-            p, q0, direct = native.penalty_head(head, xi, x, w[0], need_any, want_direct)
-            value += p
-            if want_direct:
-                input_grad = _accumulate(input_grad, direct)
-        else:
-            value += head.value(xi, x).sum(0)
-            q0 = direct = None
-        if not need_any:
-            continue
-        if head.has_loss:  # ∇θ ℓ = B_nᵀ ζ: w ζ_L joins η̂_L, one recursion carries both
-            eta_L = _accumulate(eta_L, (_bcast(w, zeta_L) * zeta_L).sum(0))
-        if q0 is None:
-            q0 = head.q0(xi, x) * _bcast(w, xi)                                # q_0 = w ∇p(ξ_0)
-            if need_input_grad:
-                direct = head.input_grad(xi, x)
-                if direct is not None:
-                    input_grad = _accumulate(input_grad, (direct * _bcast(w, xi)).sum(0))
-        if grads or fbp:
-            h = P.backward_backward(fp, q0.flatten(0, 1), kept, grads, sources, need_h=head.has_eta)
-            if head.has_eta:                                                   # η̂_L += Σ_i η_L^{(i)}
-                eta_L = _accumulate(eta_L, head.output_eta(v, h.unflatten(0, (kk, B))))
-        del kept
+    if chunk_size is None:
+        key = _tuning_key(head, x, n, need_param_grads, need_input_grad, backend)
+        schedule, cap = tuner.schedule(key, n), chunk_cap(fp, n, B)
+    else:
+        schedule, cap = [chunk_size], n
+    timer = ChunkTimer(x.device, key is not None and tuner.tuning(key))
+    for start, kk in _chunks(schedule, n, cap):
+        with timer(kk):
+            v = head.directions(start, start + kk)
+            zeta_L = head.output_cotangent(v)                                      # ζ_L, (k, B, C)
+            xi, kept = P.backward(fp, zeta_L.flatten(0, 1), keep=bool(keep_nodes), keep_nodes=keep_nodes)
+            xi = xi.unflatten(0, (kk, B))                                          # ξ_0, (k, B, ...)
+            if backend == "native" and head.native_head is not None:             # p, q_0, ∂p/∂x in one kernel
+                want_direct = need_input_grad and head.reads_x
+                p, q0, direct = native.penalty_head(head, xi, x, w[0], need_any, want_direct)
+                value += p
+                if want_direct:
+                    input_grad = _accumulate(input_grad, direct)
+            else:
+                value += head.value(xi, x).sum(0)
+                q0 = direct = None
+            if not need_any:
+                continue
+            if head.has_loss:  # ∇θ ℓ = B_nᵀ ζ: w ζ_L joins η̂_L, one recursion carries both
+                eta_L = _accumulate(eta_L, (_bcast(w, zeta_L) * zeta_L).sum(0))
+            if q0 is None:
+                q0 = head.q0(xi, x) * _bcast(w, xi)                                # q_0 = w ∇p(ξ_0)
+                if need_input_grad:
+                    direct = head.input_grad(xi, x)
+                    if direct is not None:
+                        input_grad = _accumulate(input_grad, (direct * _bcast(w, xi)).sum(0))
+            if grads or fbp:
+                h = P.backward_backward(fp, q0.flatten(0, 1), kept, grads, sources, need_h=head.has_eta)
+                if head.has_eta:                                                   # η̂_L += Σ_i η_L^{(i)}
+                    eta_L = _accumulate(eta_L, head.output_eta(v, h.unflatten(0, (kk, B))))
+            del kept
+    if timer.on:
+        tuner.record(key, timer.sizes, timer.seconds)
     if fbp:                                                                    # FBP once, from η̂_L and ŝ
         gamma0 = P.forward_backward(fp, eta_L, sources, grads, need_input_grad)
         if need_input_grad:

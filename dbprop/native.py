@@ -3,7 +3,7 @@ plain chains), Algorithm 4 in one call, and the penalty heads."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -92,18 +92,24 @@ class ChainPasses:
         return gamma0
 
 
-def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunk: int, chunk_budget: int,
-                     directions: Optional[Tensor], scale: float, sample_weight: Tensor, grads: Optional[ParamGrads],
-                     need_input_grad: bool):
-    """Algorithm 4 in one native call (``chunk=0``: sized to ``chunk_budget`` bytes); fills ``grads`` and
-    returns ``(values, input_grad)``."""
+def chain_num_classes(program: Program) -> int:
+    """The output width of a chain program (its last affine node's output features/channels)."""
+    return program.ops[ChainPasses(program).affine[-1]].params()[0].shape[0]
+
+
+def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunks: List[int], chunk_budget: int,
+                     time_chunks: bool, directions: Optional[Tensor], scale: float, sample_weight: Tensor,
+                     grads: Optional[ParamGrads], need_input_grad: bool):
+    """Algorithm 4 in one native call, classes in chunks of the sizes ``chunks`` (the last one repeated, none
+    above what fits ``chunk_budget`` bytes; 0: no limit); fills ``grads`` and returns ``(values, input_grad,
+    chunk sizes, chunk seconds)`` (seconds only if ``time_chunks``)."""
     chain = ChainPasses(program)
     want_w, want_b, _, _ = chain._lists(grads)
-    value, gw, gb, gx = native_module().jacobian_penalty(program.native(), x, softmax, chunk, chunk_budget,
-                                                         directions, scale, sample_weight, want_w, want_b,
-                                                         need_input_grad)
+    value, gw, gb, gx, sizes, seconds = native_module().jacobian_penalty(
+        program.native(), x, softmax, chunks, chunk_budget, time_chunks, directions, scale, sample_weight, want_w,
+        want_b, need_input_grad)
     chain._add(grads, gw, gb)
-    return value, gx
+    return value, gx, sizes, seconds
 
 
 def penalty_head(head, xi: Tensor, x: Tensor, weight: Tensor, want_q0: bool, want_input_grad: bool):

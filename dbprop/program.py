@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import nodes as N
 from .errors import UnsupportedModelError
+from .tuning import ChunkTuner
 
 INPUT = -1  # the program input in a node's argument list
 
@@ -190,6 +191,7 @@ class Program:
         self._index: Dict[fx.Node, int] = {}
         self.op_nodes: List[fx.Node] = []                      # the traced call of each node
         self.verified = False
+        self.chunk_tuner = ChunkTuner()                        # chunk_size=None: sizes chosen by speed
         self.refusal: Optional[UnsupportedModelError] = None  # set when the self-check failed
         self._native = None
         self._build(graph)

@@ -1,4 +1,6 @@
 """Comparison helpers: dbprop versus autograd double backprop (the fallback, itself checked in test_reference)."""
+import contextlib
+
 import torch
 
 from dbprop import fallback
@@ -65,3 +67,14 @@ def bias_terms(program, cotangents, batch, num_classes, dtype):
         per_sample = c.sum(list(range(3, c.dim()))) if c.dim() > 3 else c
         total += (per_sample * b).sum(-1).T
     return total
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` inside, the previous setting restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -1,6 +1,8 @@
-// Caching host allocator for the passes (csrc/workspace.h). Blocks of kMinBytes and more are kept after their
-// tensor dies and handed out again best-fit (at most 25% larger than asked); smaller requests go to the
-// allocator that was installed before (glibc's heap serves them without faults). A block freed after its
+// Caching host allocator for the passes (csrc/workspace.h). Requests of kMinBytes and more are rounded up to a
+// size class (eight per power of two: at most 12.5% waste) and served by an idle block of exactly that class;
+// so a call that repeats an earlier one finds every block it needs (no misses after the first call of a
+// shape). Smaller requests go to the allocator that was installed before (glibc's heap serves them without
+// faults). A block freed after its
 // scope closed (a gradient that outlives the call) still returns to the cache, so the cache must outlive
 // every tensor: the allocator is a process-lifetime singleton that is never destroyed.
 #include "workspace.h"
@@ -17,14 +19,19 @@ namespace dbprop::workspace {
 namespace {
 
 constexpr size_t kMinBytes = size_t(16) << 10;
-constexpr size_t kGranule = size_t(4) << 10;  // one page: sizes round up to it, so equal shapes share blocks
+constexpr size_t kPage = size_t(4) << 10;
+
+size_t size_class(size_t n) {
+  size_t step = kPage;  // 1/8 of the power of two below n, at least a page
+  while (step * 16 <= n) step *= 2;
+  return (n + step - 1) / step * step;
+}
 
 class CachingHostAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes) return previous_->allocate(n);
-    const size_t size = (n + kGranule - 1) / kGranule * kGranule;
-    void* p = take(size);
+    void* p = take(size_class(n));
     return {p, p, &CachingHostAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &CachingHostAllocator::release; }
@@ -81,8 +88,8 @@ class CachingHostAllocator final : public c10::Allocator {
   void* take(size_t size) {
     {
       std::lock_guard<std::mutex> g(mu_);
-      auto it = free_.lower_bound(size);
-      if (it != free_.end() && it->first <= size + size / 4) {
+      auto it = free_.find(size);
+      if (it != free_.end()) {
         void* p = it->second;
         cached_ -= int64_t(it->first);
         in_use_ += int64_t(it->first);
