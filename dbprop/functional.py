@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from . import autograd, backends, fallback
 from .errors import UnsupportedModelError
 from .penalties import (Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient,
-                        Penalty, Relevance, SpectralNorm, check_chunk_size, check_reduction)
+                        Penalty, Relevance, SpectralNorm, check_chunk_size, check_input, check_model,
+                        check_reduction)
 from .program import cached_program
 
 __all__ = ["jacobian_penalty", "output_gradient_penalty", "double_backprop_loss", "spectral_norm_penalty",
@@ -33,9 +34,9 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``."""
     check_reduction(reduction)
     check_chunk_size(chunk_size)
+    check_model(model)
     backend = backends.resolve(backend)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_input(x)  # the same checks on the native and the fallback path
     try:
         program = cached_program(model)
         program.check_input(x)

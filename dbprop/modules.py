@@ -5,6 +5,10 @@ delivers the parameter gradients computed by the explicit passes, so
 ``(task_loss + lam * penalty(x)).backward()`` works with any optimizer. Models that cannot be compiled
 fall back to autograd double backprop with one warning, unless ``strict=True``. Options are validated
 at construction (by building the penalty once).
+
+Like ``torch.nn`` losses, a penalty module owns no parameters or buffers: it keeps a plain reference to the
+model, which ``parameters()``, ``state_dict()``, ``.to()``, ``.double()``, ``.train()`` / ``.eval()`` do not
+traverse. Give the optimizer ``model.parameters()``; move, cast and switch modes on the model itself.
 """
 from __future__ import annotations
 
@@ -12,21 +16,34 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
+from . import backends
 from . import functional as Fn
 from . import penalties as P
 
 
 class _PenaltyModule(nn.Module):
+    model: nn.Module  # a reference, not a submodule (see the module docstring)
+
     def __init__(self, model: nn.Module, reduction: str = "mean", backend: str = "auto", strict: bool = False) -> None:
         super().__init__()
         self.model = model
+        backends.resolve(backend)  # an unknown backend, or "native" without the extension, fails here
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         self.reduction, self.backend, self.strict = P.check_reduction(reduction), backend, strict
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "model":  # bypass nn.Module's registration of submodules
+            P.check_model(value)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _opts(self):
         return dict(reduction=self.reduction, backend=self.backend, strict=self.strict)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+        return f"model={type(self.model).__name__}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
 class JacobianPenalty(_PenaltyModule):

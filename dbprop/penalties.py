@@ -23,9 +23,39 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1; bools and other types are refused (``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size (or None)", chunk_size)
+
+
+def check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_input(x) -> None:
+    """The checks every input passes before any pass runs (the native program's and the fallback's alike)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"input must be a dense (strided) tensor, got layout {x.layout}; call .to_dense() first")
+    if x.is_meta:
+        raise ValueError("input is a meta tensor (no values): dbprop computes values, run it on a real device")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"input must be batched, shape (batch, ...); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: the input has batch size 0")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input contains non-finite values (inf or nan)")
 
 
 def _flat_sum(t: Tensor) -> Tensor:
@@ -128,12 +158,17 @@ class Penalty:
 
 
 def _check_labels(y, batch: int, num_classes: int, name: str = "labels") -> Tensor:
+    if isinstance(y, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor of shape (batch,), got a bool")
     if isinstance(y, int):
         y = torch.full((batch,), y, dtype=torch.long)
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor of shape (batch,), got {type(y).__name__}")
     if y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
         raise TypeError(f"{name} must have an integer dtype, got {y.dtype}")
+    if y.layout != torch.strided or y.is_meta:
+        raise TypeError(f"{name} must be a dense tensor with values, got layout {y.layout} on {y.device}")
+    y = y.long()  # any integer dtype (uint8, int32, ...): one_hot and gather want int64
     if y.dim() != 1 or y.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(y.shape)}")
     if batch and (int(y.min()) < 0 or int(y.max()) >= num_classes):
@@ -170,8 +205,7 @@ class JacobianFrobenius(SquaredNorm):
         super().__init__(output)
         if estimator not in ("exact", "random"):
             raise ValueError(f"estimator must be 'exact' or 'random', got {estimator!r}")
-        if not isinstance(num_projections, int) or num_projections < 1:
-            raise ValueError(f"num_projections must be an integer >= 1, got {num_projections!r}")
+        check_positive_int("num_projections", num_projections)
         self.estimator = estimator
         self.num_projections = num_projections
 
@@ -213,8 +247,7 @@ class SpectralNorm(Penalty):
 
     def __init__(self, output="logits", power_iterations=1):
         super().__init__(output)
-        if not isinstance(power_iterations, int) or power_iterations < 1:
-            raise ValueError(f"power_iterations must be an integer >= 1, got {power_iterations!r}")
+        check_positive_int("power_iterations", power_iterations)
         self.power_iterations = power_iterations
 
     native_head = (1, 0.0, 0.0)

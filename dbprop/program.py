@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import nodes as N
 from .errors import UnsupportedModelError
+from .penalties import check_input
 from .tuning import ChunkTuner
 
 INPUT = -1  # the program input in a node's argument list
@@ -453,10 +454,7 @@ class Program:
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` cannot be fed to the program."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        check_input(x)
         params = self.parameters()
         if params:
             w = params[0]
@@ -464,10 +462,6 @@ class Program:
                 raise TypeError(f"dtype mismatch: input is {x.dtype} but the model's parameters are {w.dtype}")
             if x.device != w.device:
                 raise ValueError(f"device mismatch: input is on {x.device} but the model is on {w.device}")
-        if x.dim() < 2:
-            raise ValueError(f"input must be batched, shape (batch, ...); got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("empty batch: the input has batch size 0")
         for n in self.input_consumers:  # the layers reading x directly name the shape they expect
             op = self.ops[n]
             if isinstance(op, N.Conv):
@@ -478,8 +472,6 @@ class Program:
             elif isinstance(op, N.Linear) and x.shape[-1] != op.module.in_features:
                 raise ValueError(f"{op.name} (Linear) expects {op.module.in_features} input features in the last "
                                  f"dimension; got shape {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("input contains non-finite values (inf or nan)")
 
     def verify(self, x: Tensor) -> None:
         """Once per program: the traced program must reproduce ``model(x)`` (outputs equal to float tolerance).

@@ -269,7 +269,7 @@ def test_dtype_and_device_mismatch():
     model, shape = build("mlp")
     with pytest.raises(TypeError, match="dtype mismatch.*float32.*float64"):
         F.jacobian_penalty(model, torch.randn(2, *shape))
-    with pytest.raises(ValueError, match="device mismatch"):
+    with pytest.raises(ValueError, match="meta tensor"):
         F.jacobian_penalty(model, torch.randn(2, *shape, dtype=torch.float64, device="meta"))
     with pytest.raises(TypeError, match="floating-point"):
         F.jacobian_penalty(model, torch.ones(2, *shape, dtype=torch.long))
@@ -283,7 +283,7 @@ def test_non_finite_input():
         F.jacobian_penalty(model, x)
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
 def test_bad_options(bad):
     model, _ = build("mlp")
     with pytest.raises(ValueError, match="chunk_size"):
@@ -321,3 +321,80 @@ def test_missing_extension_warns_once_and_runs_python(monkeypatch):
         warnings.simplefilter("error")
         F.jacobian_penalty(model, x)  # one warning per process
     torch.testing.assert_close(value, F.jacobian_penalty(model, x, backend="python"))
+
+
+# ------------------------------------------------------------------------------------- more bad input
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_any_integer_label_dtype_is_cast(dtype):
+    model, shape = build("mlp")
+    x = draw_input(model, shape)
+    y = torch.tensor([0, 3, 1])
+    for fn in (lambda y: F.double_backprop_loss(model, x, y, 0.5), lambda y: F.relevance_penalty(model, x, y, l2=1.0),
+               lambda y: F.alignment_penalty(model, x, y), lambda y: F.output_gradient_penalty(model, x, y)):
+        assert torch.equal(fn(y.to(dtype)), fn(y))
+    with pytest.raises(TypeError, match="integer dtype"):
+        F.alignment_penalty(model, x, torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match="bool"):
+        F.output_gradient_penalty(model, x, True)
+
+
+def test_model_must_be_a_module_and_backend_is_checked_at_construction():
+    with pytest.raises(TypeError, match="torch.nn.Module, got NoneType"):
+        dbprop.JacobianPenalty(None)
+    with pytest.raises(TypeError, match="torch.nn.Module, got NoneType"):
+        F.jacobian_penalty(None, torch.randn(2, 3))
+    model, _ = build("mlp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dbprop.JacobianPenalty(model, backend="bogus")
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        dbprop.JacobianPenalty(model, strict="yes")
+
+
+def test_sparse_input_is_refused():
+    model, shape = build("mlp")
+    with pytest.raises(TypeError, match="dense"):
+        F.jacobian_penalty(model, draw_input(model, shape).to_sparse())
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)  # data-dependent control flow
+
+
+def test_fallback_path_checks_its_input_like_the_native_one():
+    model = _Untraceable().double()
+    with pytest.raises(ValueError, match="non-finite"):
+        F.jacobian_penalty(model, torch.tensor([[1.0, float("inf"), 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty batch"):
+        F.jacobian_penalty(model, torch.zeros(0, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        F.jacobian_penalty(model, torch.zeros(2, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ penalty modules own no parameters
+def test_penalty_modules_own_no_parameters_and_leave_the_model_alone():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    pens = [dbprop.JacobianPenalty(model), dbprop.DoubleBackpropLoss(model, 0.1), dbprop.GradientPenalty(model),
+            dbprop.SpectralNormPenalty(model), dbprop.AlignmentPenalty(model), dbprop.RelevancePenalty(model, l2=1.0),
+            dbprop.OutputGradientPenalty(model)]
+    for pen in pens:
+        assert list(pen.parameters()) == [] and list(pen.buffers()) == [] and pen.state_dict() == {}
+        assert pen.model is model and "model=Sequential" in repr(pen)
+        pen.double()
+        pen.eval()
+        assert model[0].weight.dtype == torch.float32 and model.training
+    pen = pens[0]
+    other = nn.Linear(4, 3)
+    pen.model = other
+    assert pen.model is other and list(pen.parameters()) == []
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pen.model = None
+    # one optimizer over both "parameter groups" no longer sees duplicates
+    torch.optim.Adam([{"params": model.parameters()}, {"params": pens[1].parameters()}])
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    pens[1](x, y).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -87,6 +87,8 @@ def test_bad_input_is_refused():
         A.empirical_robustness(model, x, epsilons=[1.0, 0.5])
     with pytest.raises(ValueError, match="bounds"):
         A.empirical_robustness(model, x, bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="empty batch"):
+        A.empirical_robustness(model, x[:0])
 
 
 def test_missing_foolbox_says_how_to_install(monkeypatch):

@@ -68,6 +68,8 @@ def empirical_robustness(model: nn.Module, x: Tensor, attack: Union[str, Any, Se
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
     if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, ...)")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: x has batch size 0")
     if not torch.isfinite(x).all():
         raise ValueError("x contains non-finite values")
     if x.min().item() < lo or x.max().item() > hi:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import backends
 from ..engine import make_passes
 from ..errors import UnsupportedModelError
+from ..penalties import check_input, check_model
 from ..program import as_output_matrix, cached_program
 
 
@@ -26,7 +27,9 @@ def logits_and_input_gradients(model: nn.Module, x: Tensor, classes: Optional[Te
                                backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``(Ψ(x), G)`` with ``G[k, b] = ∇x Ψ^{c_kb}(x_b)``: all classes (``classes=None``, ``G`` is ``(C, B, ...)``)
     or the per-sample classes ``classes`` of shape ``(K, B)``, in one batched backward pass."""
+    check_model(model)
     backend = backends.resolve(backend)
+    check_input(x)  # also on the autograd path
     try:
         program = cached_program(model)
         program.check_input(x)
