@@ -1,11 +1,11 @@
 """The autograd Function that ties a penalty's value to the gradients computed by the passes."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import engine
 from .penalties import Penalty
@@ -20,6 +20,30 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
     return values
 
 
+SECOND_DERIVATIVE_ERROR = (
+    "dbprop: a penalty's gradient is not differentiable again (its backward is the closed-form result of the "
+    "explicit passes, with no graph): backward(create_graph=True) / autograd.grad(..., create_graph=True) "
+    "through a dbprop penalty cannot give third derivatives. Use create_graph=False for it, or the autograd "
+    "formulation (dbprop.fallback) if you need them.")
+
+
+def _differentiable_once(backward):
+    """Like ``torch.autograd.function.once_differentiable``, with an error that says what happened; the
+    outputs of a ``create_graph=True`` backward carry the error whenever the penalty's inputs require grad
+    (the gradient depends on them), not only when the incoming gradient does."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            outputs = backward(ctx, *args)
+        if not torch.is_grad_enabled() or not (any(ctx.needs_input_grad)
+                                               or any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return outputs
+        err = torch._C._functions.DelayedError(SECOND_DERIVATIVE_ERROR.encode(), len(outputs))
+        return err(*[None if o is None else o.detach().requires_grad_(True) for o in outputs])
+    return wrapper
+
+
 class DoubleBackpropFunction(torch.autograd.Function):
     """``R = reduce(R_b)`` whose backward returns ``∇x R`` and ``∇θ R`` for every parameter.
 
@@ -27,6 +51,13 @@ class DoubleBackpropFunction(torch.autograd.Function):
     exist only there) with per-sample weights ``1/B`` ("mean") or ``1``; ``backward`` scales them by the
     incoming gradient. For ``reduction="none"`` with non-uniform incoming per-sample weights, the
     parameter gradients are recomputed from the saved forward pass with those weights (exact).
+
+    Autograd semantics: the gradients and the inputs go through ``save_for_backward``, so a second
+    ``backward()`` without ``retain_graph=True`` raises like any other graph, a parameter (or ``x``)
+    modified in place between the call and ``backward()`` raises autograd's version-counter error (the
+    gradients belong to the old values), saved-tensor hooks see them, and differentiating the gradient
+    again raises ``SECOND_DERIVATIVE_ERROR`` when that is attempted. A call with gradients enabled pays for
+    the gradients even if ``backward()`` never comes; evaluate under ``torch.no_grad()`` for the value alone.
     """
 
     @staticmethod
@@ -40,28 +71,27 @@ class DoubleBackpropFunction(torch.autograd.Function):
         result = engine.run(program, head, x, sample_weight=weight, need_param_grads=need_params,
                             need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend,
                             update_stats=update_stats)
-        ctx.reduction = reduction
-        ctx.param_grads = result.param_grads or [None] * len(params)
-        ctx.input_grad = result.input_grad
-        ctx.recompute = (program, head, x, chunk_size, result.fp, backend) if keep_fp else None
+        ctx.reduction, ctx.num_params = reduction, len(params)
+        ctx.save_for_backward(x, *params, result.input_grad, *(result.param_grads or [None] * len(params)))
+        ctx.recompute = (program, head, chunk_size, result.fp, backend) if keep_fp else None
         return reduce(result.value, reduction)
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_output: Tensor):
-        param_grads = ctx.param_grads
+        saved = ctx.saved_tensors  # raises if freed by an earlier backward, or if an input changed in place
+        L = ctx.num_params
+        x, input_grad, param_grads = saved[0], saved[1 + L], list(saved[2 + L:])
         if ctx.reduction != "none":
             scale = grad_output
-            input_grad = None if ctx.input_grad is None else ctx.input_grad * scale
+            input_grad = None if input_grad is None else input_grad * scale
         else:
             g = grad_output
-            if ctx.input_grad is not None:
-                input_grad = ctx.input_grad * g.view(-1, *([1] * (ctx.input_grad.dim() - 1)))
-            else:
-                input_grad = None
+            if input_grad is not None:
+                input_grad = input_grad * g.view(-1, *([1] * (input_grad.dim() - 1)))
             scale = g[0]
             if ctx.recompute is not None and not bool((g == g[0]).all()):
-                program, head, x, chunk_size, fp, backend = ctx.recompute
+                program, head, chunk_size, fp, backend = ctx.recompute
                 param_grads = engine.run(program, head, x, sample_weight=g, need_param_grads=True,
                                          chunk_size=chunk_size, fp=fp, backend=backend).param_grads
                 scale = None
