@@ -10,6 +10,7 @@ import warnings
 import weakref
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import autograd, backends, fallback
@@ -31,12 +32,25 @@ class FallbackWarning(UserWarning):
 
 def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean", chunk_size: Optional[int] = None,
             backend: str = "auto", strict: bool = False) -> Tensor:
-    """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``."""
+    """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``.
+
+    Mixed precision: inside ``torch.autocast`` the penalty runs in the precision of the model's parameters
+    with autocast switched off (README, "Mixed precision"): ``x`` is cast to that dtype (differentiably) and
+    the value comes back in it. Gradient scaling (``torch.amp.GradScaler``) works as for any loss term.
+    """
     check_reduction(reduction)
     check_chunk_size(chunk_size)
     check_model(model)
     backend = backends.resolve(backend)
     check_input(x)  # the same checks on the native and the fallback path
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _penalty(model, x.to(dtype), head, reduction, chunk_size, backend, strict)
+    return _penalty(model, x, head, reduction, chunk_size, backend, strict)
+
+
+def _penalty(model, x, head, reduction, chunk_size, backend, strict):
     try:
         program = cached_program(model)
         program.check_input(x)
@@ -47,7 +61,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
         if model not in _warned:
             _warned.add(model)
             warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
     return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
 

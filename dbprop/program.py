@@ -475,14 +475,17 @@ class Program:
 
     def verify(self, x: Tensor) -> None:
         """Once per program: the traced program must reproduce ``model(x)`` (outputs equal to float tolerance).
-        Runs with dropout off, the RNG forked and every buffer restored (BatchNorm statistics stay untouched)."""
+        Runs with dropout off, the RNG forked and the model's buffers untouched (BatchNorm statistics)."""
         if self.verified:
             return
         if self.refusal is not None:
             raise self.refusal
         from . import passes
         dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
+        # in-place restore would bump their version counters and break a graph that saved them, e.g. the
+        # running statistics of an eval-mode BatchNorm in the task loss computed just before)
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
             for m in dropouts:
                 m.training = False
@@ -492,15 +495,10 @@ class Program:
                 except N.UnsupportedOp as e:
                     self.refusal = UnsupportedModelError(str(e))
                     raise self.refusal from None
-                for b, v in buffers:
-                    b.copy_(v)
-                ref = self.model(x)
+                ref = torch.func.functional_call(self.model, buffers, (x,), strict=False)
         finally:
             for m in dropouts:
                 m.training = True
-            with torch.no_grad():
-                for b, v in buffers:
-                    b.copy_(v)
         ref = as_output_matrix(ref)
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(ref.dtype, 2e-2)
         scale = max(1.0, float(ref.abs().max()))
