@@ -3,6 +3,7 @@
 
 #include "kernels/activations.h"
 
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
@@ -95,6 +96,13 @@ std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, 
   check_bits(bits, c, mask_numel);
   TORCH_CHECK(channels > 0 && inner > 0 && c.numel() % (channels * inner) == 0,
               "cotangent does not split into channels=", channels, " x inner=", inner);
+  if (c.is_cuda() && at::globalContext().deterministicAlgorithms()) {
+    // torch.use_deterministic_algorithms(True): the fused CUDA kernel sums with atomics; instead the masked
+    // product, then ATen's deterministic tree reduction over batch and positions
+    at::Tensor out = mask_multiply(c, bits, mask_numel, slope);
+    at::Tensor db = out.view({-1, channels, inner}).sum({0, 2}, false, at::toOpMathType(c.scalar_type()));
+    return {out, db.to(c.scalar_type())};
+  }
   DBPROP_DISPATCH(c, mask_multiply_bias_grad, c, bits, mask_numel, slope, channels, inner);
 }
 

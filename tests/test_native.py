@@ -196,3 +196,26 @@ def test_cuda_packed_masks(n):
     assert torch.equal(_unpack(bits.cpu(), n), (z > 0).cpu())
     c = torch.randn(2 * n, dtype=torch.float64, device="cuda")
     torch.testing.assert_close(_C.mask_multiply(c, bits, n, 0.2), torch.where((z > 0).repeat(2), c, 0.2 * c))
+
+
+@cuda
+def test_cuda_bias_gradient_is_deterministic_under_deterministic_algorithms():
+    from helpers import deterministic_algorithms
+    z = torch.randn(64 * 8 * 25, dtype=torch.float32, device="cuda")
+    _, bits = _C.forward_epilogue(z, None, 1, 1, 0.0)
+    c = torch.randn(2 * z.numel(), dtype=torch.float32, device="cuda")
+    fused = _C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25)
+    with deterministic_algorithms():
+        runs = [_C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25) for _ in range(3)]
+    assert all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs)
+    torch.testing.assert_close(runs[0][0], fused[0])
+    torch.testing.assert_close(runs[0][1], fused[1], rtol=1e-5, atol=1e-4)
+
+
+def test_native_penalties_repeat_bit_for_bit_under_deterministic_algorithms():
+    from helpers import deterministic_algorithms
+    model, shape = build("conv2d")
+    x = draw_input(model, shape, 3)
+    with deterministic_algorithms():
+        runs = [_run(model, x, CALLS["jacobian-softmax"], "native") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,6 +1,7 @@
 // CUDA launchers of the element bodies (csrc/kernels/elementwise.h): grid-stride __global__ kernels on the
 // current ATen stream. Reductions accumulate in the op-math type (float for half / bfloat16) with atomics, except
-// the activation source term, which has one thread per output element (deterministic).
+// the activation source term, which has one thread per output element (deterministic); under
+// torch.use_deterministic_algorithms(True) the bias gradient takes a deterministic path (csrc/elementwise.cpp).
 #include "../elementwise.h"
 #include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
