@@ -18,7 +18,7 @@ from .errors import UnsupportedModelError
 from .penalties import (Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient,
                         Penalty, Relevance, SpectralNorm, check_chunk_size, check_input, check_model,
                         check_reduction)
-from .program import cached_program
+from .program import cached_program, refuse_sharded
 
 __all__ = ["jacobian_penalty", "output_gradient_penalty", "double_backprop_loss", "spectral_norm_penalty",
            "relevance_penalty", "alignment_penalty", "gradient_penalty"]
@@ -43,6 +43,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     check_model(model)
     backend = backends.resolve(backend)
     check_input(x)  # the same checks on the native and the fallback path
+    refuse_sharded(model)  # always an error: the autograd fallback cannot run on FSDP shards either
     if torch.is_autocast_enabled(x.device.type):
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
         with torch.autocast(x.device.type, enabled=False):

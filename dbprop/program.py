@@ -104,6 +104,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP (``fully_shard`` or the FullyShardedDataParallel wrapper) shards parameters into DTensors that are
+    gathered by hooks around ``forward``: neither the passes nor autograd double backprop can run on them."""
+    for name, m in model.named_modules():
+        cls = {c.__name__ for c in type(m).__mro__}
+        sharded = "FSDPModule" in cls or "FullyShardedDataParallel" in cls
+        if sharded or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False)):
+            where = f"'{name}' ({type(m).__name__})" if name else type(m).__name__
+            raise UnsupportedModelError(
+                f"{where} is sharded by FSDP (fully_shard / FullyShardedDataParallel, parameters are DTensors): "
+                "dbprop penalties do not support FSDP. Wrap the model in DistributedDataParallel instead (supported, "
+                "also with static_graph and find_unused_parameters), or compute the penalty on an unsharded copy")
+
+
 def _refuse_invisible(model: nn.Module) -> None:
     """Hooks and parametrizations change what ``model(x)`` computes without appearing in the traced graph."""
     from torch.nn.modules import module as M

@@ -31,11 +31,11 @@ def _loss(model, wrapped, x, y, kind):
     return task + 0.3 * dbprop.DoubleBackpropLoss(wrapped, 0.5)(x, y)
 
 
-def _worker(rank, world, init_file, out_file, kind):
+def _worker(rank, world, init_file, out_file, kind, options):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, x, y = _data()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, **options)
     half = slice(rank * B // world, (rank + 1) * B // world)
     _loss(model, ddp, x[half], y[half], kind).backward()
     if rank == 0:
@@ -45,12 +45,44 @@ def _worker(rank, world, init_file, out_file, kind):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("kind", ["jacobian", "double-backprop"])
-def test_ddp_two_processes_match_single_process(tmp_path, kind):
+@pytest.mark.parametrize("kind, options", [("jacobian", {}), ("double-backprop", {}),
+                                           ("jacobian", {"static_graph": True}),
+                                           ("double-backprop", {"find_unused_parameters": True})])
+def test_ddp_two_processes_match_single_process(tmp_path, kind, options):
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), kind), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), kind, options), nprocs=2, join=True)
     ddp_grads = torch.load(out)
     model, x, y = _data()
     _loss(model, model, x, y, kind).backward()
     for p, g in zip(model.parameters(), ddp_grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def _fsdp_worker(rank, world, init_file, out_file):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, x, y = _data()
+        fully_shard(model)
+        try:
+            dbprop.JacobianPenalty(model)(x)
+            result = "no error"
+        except Exception as e:  # noqa: BLE001 - the test checks type and message
+            result = f"{type(e).__name__}: {e}"
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write(result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_fsdp2_sharded_model_is_refused_naming_the_alternative(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    out = tmp_path / "result.txt"
+    try:
+        mp.spawn(_fsdp_worker, args=(1, str(tmp_path / "init"), str(out)), nprocs=1, join=True)
+    except Exception as e:  # fully_shard itself unavailable on this build / CPU
+        pytest.skip(f"fully_shard did not run here: {e}")
+    text = out.read_text()
+    assert text.startswith("UnsupportedModelError") and "FSDP" in text and "DistributedDataParallel" in text
