@@ -67,7 +67,7 @@ class DoubleBackpropFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[1]
         need_params = any(ctx.needs_input_grad[2:])
         weight = 1.0 / B if reduction == "mean" else 1.0
-        keep_fp = reduction == "none" and need_params  # for an exact recompute with non-uniform weights
+        keep_fp = reduction == "none" and (need_params or need_x)  # exact recompute for non-uniform weights
         result = engine.run(program, head, x, sample_weight=weight, need_param_grads=need_params,
                             need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend,
                             update_stats=update_stats)
@@ -87,13 +87,18 @@ class DoubleBackpropFunction(torch.autograd.Function):
             input_grad = None if input_grad is None else input_grad * scale
         else:
             g = grad_output
-            if input_grad is not None:
-                input_grad = input_grad * g.view(-1, *([1] * (input_grad.dim() - 1)))
             scale = g[0]
+            if input_grad is not None:
+                input_grad = input_grad * scale
             if ctx.recompute is not None and not bool((g == g[0]).all()):
+                # ∇ Σ_b g_b R_b from the saved forward pass: exact also where samples are coupled (train BN)
                 program, head, chunk_size, fp, backend = ctx.recompute
-                param_grads = engine.run(program, head, x, sample_weight=g, need_param_grads=True,
-                                         chunk_size=chunk_size, fp=fp, backend=backend).param_grads
+                need_x = input_grad is not None
+                r = engine.run(program, head, x, sample_weight=g, need_param_grads=any(p is not None for p in
+                                                                                        param_grads),
+                               need_input_grad=need_x, chunk_size=chunk_size, fp=fp, backend=backend)
+                param_grads = r.param_grads or param_grads
+                input_grad = r.input_grad if need_x else None
                 scale = None
         grads = [None if p is None else (p if scale is None else p * scale) for p in param_grads]
         return (None, input_grad, *grads)

@@ -83,3 +83,20 @@ def test_saved_tensor_hooks_see_the_saved_gradients_and_inputs():
     assert len(packed) >= 1 + 2 * n_params  # x, the parameters, and one gradient per parameter
     assert any(t is x for t in packed)
     R.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_with_unequal_weights_is_exact_where_samples_are_coupled(backend):
+    """Train-mode BatchNorm couples the samples: ∇x Σ w_b R_b is not w_b ∇x R_b row by row (this was wrong)."""
+    from dbprop import fallback
+    from dbprop import penalties as P
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = _x(requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64)
+    v = F.jacobian_penalty(m, x, output="softmax", reduction="none", backend=backend)
+    ours = torch.autograd.grad((v * w).sum(), [x, *m.parameters()])
+    ref = torch.autograd.grad((fallback.autograd_penalty(m, P.JacobianFrobenius("softmax"), x) * w).sum(),
+                              [x, *m.parameters()])
+    for a, b in zip(ours, ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-12
