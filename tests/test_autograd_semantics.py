@@ -100,4 +100,4 @@ def test_reduction_none_with_unequal_weights_is_exact_where_samples_are_coupled(
                               [x, *m.parameters()])
     floor = 1e-6 * max(b.norm().item() for b in ref)  # the bias before BN has an exactly-zero gradient
     for a, b in zip(ours, ref):
-        assert (a - b).norm().item() < 1e-12 * max(b.norm().item(), floor)
+        assert (a - b).norm().item() < 1e-9 * max(b.norm().item(), floor)
