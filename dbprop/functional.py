@@ -30,6 +30,14 @@ class FallbackWarning(UserWarning):
     """A model could not be compiled; the penalty runs through autograd double backprop."""
 
 
+def warn_fallback(model: nn.Module, error: UnsupportedModelError, stacklevel: int) -> None:
+    """One ``FallbackWarning`` per model."""
+    if model not in _warned:
+        _warned.add(model)
+        warnings.warn(f"dbprop: {error}; falling back to autograd double backpropagation", FallbackWarning,
+                      stacklevel=stacklevel)
+
+
 def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean", chunk_size: Optional[int] = None,
             backend: str = "auto", strict: bool = False) -> Tensor:
     """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``.
@@ -59,10 +67,7 @@ def _penalty(model, x, head, reduction, chunk_size, backend, strict):
     except UnsupportedModelError as e:
         if strict:
             raise
-        if model not in _warned:
-            _warned.add(model)
-            warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
-                          stacklevel=4)
+        warn_fallback(model, e, stacklevel=5)
         return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
     return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
 

@@ -12,17 +12,23 @@ traverse. Give the optimizer ``model.parameters()``; move, cast and switch modes
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, engine, fallback, ops
 from . import functional as Fn
 from . import penalties as P
+from .autograd import reduce
+from .errors import UnsupportedModelError
+from .program import cached_program
 
 
 class _PenaltyModule(nn.Module):
     model: nn.Module  # a reference, not a submodule (see the module docstring)
+
+    chunk_size: Optional[int] = None
 
     def __init__(self, model: nn.Module, reduction: str = "mean", backend: str = "auto", strict: bool = False) -> None:
         super().__init__()
@@ -31,6 +37,90 @@ class _PenaltyModule(nn.Module):
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         self.reduction, self.backend, self.strict = P.check_reduction(reduction), backend, strict
+        self._handle = ops.register(self)  # names this module to torch.ops.dbprop.penalty (torch.compile)
+
+    # ---- one evaluation, eager or traced
+    def _head(self, labels: Optional[Tensor]) -> P.Penalty:
+        """A fresh penalty head for one call (``labels``: the integer labels / index / targets, or None)."""
+        raise NotImplementedError
+
+    def _evaluate(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        if not torch.compiler.is_compiling():
+            return Fn.penalty(self.model, x, self._head(labels), self.reduction, self.chunk_size, **self._backend())
+        # traced by torch.compile: one opaque operator (dbprop/ops.py) that runs the eager computation
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._operator(x.to(dtype), labels)
+        return self._operator(x, labels)
+
+    def _operator(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        params = list(self.model.parameters())
+        grad = torch.is_grad_enabled()
+        need_params = [grad and p.requires_grad for p in params]
+        buffers = list(self.model.buffers()) if self._head_updates_buffers else []
+        value, _, _, new_buffers = torch.ops.dbprop.penalty(x, params, labels, buffers, self._handle, need_params,
+                                                            grad and x.requires_grad)
+        with torch.no_grad():
+            for b, new in zip(buffers, new_buffers):
+                b.copy_(new)
+        return value
+
+    _head_updates_buffers = False  # DoubleBackpropLoss replaces the task forward: BatchNorm statistics move
+
+    def _value_and_grads(self, x: Tensor, labels: Optional[Tensor], params: List[Tensor], need_params: List[bool],
+                         need_input: bool, weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """The operator's implementation (eager, at run time): the reduced value, and the gradients of
+        ``value`` (or of ``Σ_b weight_b R_b`` when ``weight`` is given) w.r.t. ``x`` and each parameter of
+        ``self.model`` (``params`` lists them in ``model.parameters()`` order; zeros where not wanted).
+        Straight through the engine, no autograd (a compiled backward runs with autograd switched off)."""
+        live = list(self.model.parameters())
+        if len(live) != len(params) or any(a.shape != b.shape for a, b in zip(live, params)):
+            raise RuntimeError("dbprop::penalty: the model's parameters changed since the graph was traced")
+        P.check_input(x)  # here, at run time: the finiteness check syncs, it must not break the graph
+        head, B = self._head(labels), x.shape[0]
+        if weight is None:  # the value; gradients of the reduced value (none: the backward recomputes)
+            weight = torch.full((B,), 1.0 / B if self.reduction == "mean" else 1.0, dtype=x.dtype, device=x.device)
+            grads_now = self.reduction != "none"
+        else:
+            grads_now = True
+        want_params = grads_now and any(need_params)
+        want_x = grads_now and need_input
+        try:
+            program = cached_program(self.model)
+            program.check_input(x)
+            program.verify(x)
+        except UnsupportedModelError as e:
+            if self.strict:
+                raise
+            Fn.warn_fallback(self.model, e, stacklevel=2)
+            return self._fallback_value_and_grads(x, head, live, need_params, want_x, weight, grads_now)
+        r = engine.run(program, head, x.detach(), sample_weight=weight, need_param_grads=want_params,
+                       need_input_grad=want_x, chunk_size=self.chunk_size, backend=backends.resolve(self.backend),
+                       update_stats=head.has_loss and not (grads_now and self.reduction == "none"))
+        by_id = dict(zip(map(id, program.parameters()), r.param_grads or []))
+        gps = [by_id[id(p)] if want and by_id.get(id(p)) is not None else torch.zeros_like(p)
+               for p, want in zip(live, need_params)]
+        gx = r.input_grad if want_x else torch.zeros_like(x)
+        return reduce(r.value, self.reduction), gx, gps
+
+    def _fallback_value_and_grads(self, x, head, live, need_params, want_x, weight, grads_now):
+        """Autograd double backprop for models the passes cannot run (needs autograd: not in a compiled
+        backward, i.e. not with reduction='none' under torch.compile)."""
+        want = [p for p, w in zip(live, need_params) if w] if grads_now else []
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(want_x)
+            values = fallback.autograd_penalty(self.model, head, xr)
+            grads = torch.autograd.grad((values * weight).sum(), ([xr] if want_x else []) + want,
+                                        allow_unused=True) if (want or want_x) else []
+        grads = list(grads)
+        gx = grads.pop(0) if want_x else None
+        by_id = dict(zip(map(id, want), grads))
+        gps = [torch.zeros_like(p) if by_id.get(id(p)) is None else by_id[id(p)] for p in live]
+        return reduce(values.detach(), self.reduction), torch.zeros_like(x) if gx is None else gx, gps
+
+    def _backend(self):
+        return dict(backend=self.backend, strict=self.strict)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "model":  # bypass nn.Module's registration of submodules
@@ -38,9 +128,6 @@ class _PenaltyModule(nn.Module):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
-
-    def _opts(self):
-        return dict(reduction=self.reduction, backend=self.backend, strict=self.strict)
 
     def extra_repr(self) -> str:
         return f"model={type(self.model).__name__}, reduction={self.reduction!r}, backend={self.backend!r}"
@@ -58,9 +145,11 @@ class JacobianPenalty(_PenaltyModule):
         self.output, self.estimator = output, estimator
         self.num_projections, self.chunk_size = num_projections, chunk_size
 
+    def _head(self, labels):
+        return P.JacobianFrobenius(self.output, self.estimator, self.num_projections)
+
     def forward(self, x: Tensor) -> Tensor:
-        return Fn.jacobian_penalty(self.model, x, self.output, self.estimator, self.num_projections,
-                                   self.chunk_size, **self._opts())
+        return self._evaluate(x)
 
 
 class OutputGradientPenalty(_PenaltyModule):
@@ -71,8 +160,13 @@ class OutputGradientPenalty(_PenaltyModule):
         super().__init__(model, reduction, backend, strict)
         self.output = P.OutputGradient(output).output
 
+    def _head(self, labels):
+        return P.OutputGradient(self.output, labels)
+
     def forward(self, x: Tensor, index: Union[int, Tensor]) -> Tensor:
-        return Fn.output_gradient_penalty(self.model, x, index, self.output, **self._opts())
+        if isinstance(index, int) and not isinstance(index, bool):
+            index = torch.full(x.shape[:1], index, dtype=torch.long, device=x.device)
+        return self._evaluate(x, index)
 
 
 class DoubleBackpropLoss(_PenaltyModule):
@@ -84,8 +178,13 @@ class DoubleBackpropLoss(_PenaltyModule):
         P.DoubleBackprop(None, weight, loss)
         self.weight, self.loss = float(weight), loss
 
+    _head_updates_buffers = True
+
+    def _head(self, labels):
+        return P.DoubleBackprop(labels, self.weight, self.loss)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return Fn.double_backprop_loss(self.model, x, y, self.weight, self.loss, **self._opts())
+        return self._evaluate(x, y)
 
 
 class SpectralNormPenalty(_PenaltyModule):
@@ -97,8 +196,11 @@ class SpectralNormPenalty(_PenaltyModule):
         P.SpectralNorm(output, power_iterations)
         self.output, self.power_iterations = output, power_iterations
 
+    def _head(self, labels):
+        return P.SpectralNorm(self.output, self.power_iterations)
+
     def forward(self, x: Tensor) -> Tensor:
-        return Fn.spectral_norm_penalty(self.model, x, self.output, self.power_iterations, **self._opts())
+        return self._evaluate(x)
 
 
 class RelevancePenalty(_PenaltyModule):
@@ -110,15 +212,21 @@ class RelevancePenalty(_PenaltyModule):
         P.Relevance(None, l1, l2)
         self.l1, self.l2 = float(l1), float(l2)
 
+    def _head(self, labels):
+        return P.Relevance(labels, self.l1, self.l2)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return Fn.relevance_penalty(self.model, x, y, self.l1, self.l2, **self._opts())
+        return self._evaluate(x, y)
 
 
 class AlignmentPenalty(_PenaltyModule):
     """Saliency misalignment; see :func:`dbprop.functional.alignment_penalty`."""
 
+    def _head(self, labels):
+        return P.Alignment(labels)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return Fn.alignment_penalty(self.model, x, y, **self._opts())
+        return self._evaluate(x, y)
 
 
 class GradientPenalty(_PenaltyModule):
@@ -129,5 +237,8 @@ class GradientPenalty(_PenaltyModule):
         super().__init__(model, reduction, backend, strict)
         self.center = float(center)
 
+    def _head(self, labels):
+        return P.GradientNorm(self.center)
+
     def forward(self, x: Tensor) -> Tensor:
-        return Fn.gradient_penalty(self.model, x, self.center, **self._opts())
+        return self._evaluate(x)

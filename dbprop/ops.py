@@ -1,0 +1,112 @@
+"""dbprop's penalties as a dispatcher operator, so that ``torch.compile`` can trace a training step whole.
+
+``torch.ops.dbprop.penalty(x, params, labels, buffers, handle, need_params, need_input)`` is a
+``torch.library.custom_op``: an opaque node for Dynamo and AOTAutograd, with a fake (meta) implementation
+for tracing and an autograd formula registered with ``register_autograd``. It returns the reduced penalty
+value together with the gradients the explicit passes computed (``∇x R`` and ``∇θ R`` per parameter of the
+model, in ``model.parameters()`` order); its backward scales them by the incoming gradient (for
+``reduction="none"`` it recomputes them with the incoming per-sample weights through ``dbprop::penalty_grads``,
+exact also for coupled samples). ``handle`` names a penalty MODULE (registered at construction): the op's
+implementation runs that module's eager computation (program cache, self-check, native or Python passes,
+autograd fallback) at run time, so nothing dbprop does in Python is traced.
+
+Why ``custom_op`` over a C++ ``TORCH_LIBRARY`` schema: the unit that must be opaque to the compiler is the
+whole penalty (program lookup, class chunks, Algorithm 4), which is driven from Python; its native kernels
+are already single ATen-level calls below it. Checks that would sync the device (finite input) run inside
+the op's implementation, i.e. at run time, and do not break the graph.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_registry: Dict[int, "weakref.ReferenceType"] = {}
+_handles = itertools.count(1)
+
+
+def register(penalty_module) -> int:
+    """A handle for ``penalty_module`` (weakly referenced) that the operator can carry as an int."""
+    h = next(_handles)
+    _registry[h] = weakref.ref(penalty_module)
+    return h
+
+
+def _module(handle: int):
+    m = _registry.get(handle)
+    m = m() if m is not None else None
+    if m is None:
+        raise RuntimeError(f"dbprop::penalty: the penalty module of handle {handle} no longer exists")
+    return m
+
+
+@torch.library.custom_op("dbprop::penalty", mutates_args=())
+def penalty(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: List[Tensor], handle: int,
+            need_params: List[bool], need_input: bool) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
+    """``(reduced value, ∇x R (zeros unless need_input), [∇θ R per parameter (zeros where not needed)],
+    [new values of buffers])``. ``buffers``: the model's buffers when the penalty replaces the task forward
+    (double backprop: BatchNorm running statistics move), else empty. The op itself changes nothing (it is
+    functional); the caller writes the new buffer values back."""
+    live = list(_module(handle).model.buffers()) if buffers else []
+    before = [b.clone() for b in live]
+    value, gx, gps = _module(handle)._value_and_grads(x, labels, params, need_params, need_input, None)
+    after = [b.clone() for b in live]
+    with torch.no_grad():
+        for b, old in zip(live, before):
+            b.copy_(old)
+    return value, gx, gps, after
+
+
+@penalty.register_fake
+def _(x, params, labels, buffers, handle, need_params, need_input):
+    value = x.new_empty(()) if _module(handle).reduction != "none" else x.new_empty(x.shape[:1])
+    return value, torch.empty_like(x), [torch.empty_like(p) for p in params], [torch.empty_like(b) for b in buffers]
+
+
+@torch.library.custom_op("dbprop::penalty_grads", mutates_args=())
+def penalty_grads(x: Tensor, params: List[Tensor], labels: Optional[Tensor], weight: Tensor, handle: int,
+                  need_params: List[bool], need_input: bool) -> Tuple[Tensor, List[Tensor]]:
+    """``∇ Σ_b weight_b R_b`` (``reduction="none"``): ``(∇x, [∇θ per parameter])``, recomputed with those weights."""
+    _, gx, gps = _module(handle)._value_and_grads(x, labels, params, need_params, need_input, weight)
+    return gx, gps
+
+
+@penalty_grads.register_fake
+def _(x, params, labels, weight, handle, need_params, need_input):
+    return torch.empty_like(x), [torch.empty_like(p) for p in params]
+
+
+def _no_second_derivative(ctx, *grads):
+    from .autograd import SECOND_DERIVATIVE_ERROR
+    raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+penalty_grads.register_autograd(_no_second_derivative, setup_context=lambda ctx, inputs, output: None)
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, labels, buffers, handle, need_params, need_input = inputs
+    _, gx, gps, _ = output
+    ctx.handle, ctx.need_params, ctx.need_input, ctx.num_params = handle, need_params, need_input, len(params)
+    ctx.num_buffers = len(buffers)
+    ctx.none = _module(handle).reduction == "none"
+    ctx.save_for_backward(gx, x, labels, *gps, *params)
+
+
+def _backward(ctx, g_value, g_input_grad, g_param_grads, g_buffers):
+    saved = ctx.saved_tensors
+    n = ctx.num_params
+    gx, x, labels, gps, params = saved[0], saved[1], saved[2], list(saved[3:3 + n]), list(saved[3 + n:])
+    if ctx.none:  # per-sample weights: recompute (exact where samples are coupled)
+        gx, gps = penalty_grads(x, params, labels, g_value, ctx.handle, ctx.need_params, ctx.need_input)
+    else:
+        gx, gps = gx * g_value, [g * g_value for g in gps]
+    grad_params = [g if want else None for g, want in zip(gps, ctx.need_params)]
+    # one entry per input, lists for tensor-list inputs (custom_op checks the structure)
+    return gx if ctx.need_input else None, grad_params, None, [None] * ctx.num_buffers, None, None, None
+
+
+penalty.register_autograd(_backward, setup_context=_setup_context)
