@@ -153,4 +153,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return dbprop::activation_source(xi, q, z, dbprop::activation_kind(name), p1, p2);
   }, "Σ over the k stacked copies of g''(z) ⊙ ξ ⊙ q; shape and dtype of z.", py::arg("xi"), py::arg("q"),
         py::arg("z"), py::arg("name"), py::arg("p1"), py::arg("p2"));
+
+  // train-mode BatchNorm (csrc/kernels/batchnorm.h, docs/maths.md §4.9)
+  m.def("batchnorm_train_linear", &dbprop::batchnorm_train_linear,
+        "A q = scale (q − m(q) − x̂ m(x̂ q)) (4.3) for q of shape (k·B, C, ...) holding k stacked copies of the "
+        "batch of xhat (B, C, ...), means per copy and channel; A is self-adjoint, so this is also Aᵀ q.",
+        py::arg("q"), py::arg("xhat"), py::arg("scale"));
+  m.def("batchnorm_train_bbp", [](const OptTensor& xi, const at::Tensor& q, const at::Tensor& xhat,
+                                  const at::Tensor& invstd, const OptTensor& gamma, bool need_tangent,
+                                  bool want_source, bool want_mixed) {
+    auto [tangent, source, dgamma] =
+        dbprop::batchnorm_train_bbp(xi.value_or(at::Tensor()), q, xhat, invstd, gamma.value_or(at::Tensor()),
+                                    need_tangent, want_source, want_mixed);
+    return std::make_tuple(opt(tangent), opt(source), opt(dgamma));
+  }, "(A q (4.3), ŝ (4.6) summed over the copies, θ̂_γ (4.5) summed over the copies) of a train-mode BatchNorm "
+     "from one reduction pass; each None unless asked (need_tangent, want_source, want_mixed). gamma None means "
+     "γ = 1; xi is needed for the source and the mixed term.",
+        py::arg("xi"), py::arg("q"), py::arg("xhat"), py::arg("invstd"), py::arg("gamma"), py::arg("need_tangent"),
+        py::arg("want_source"), py::arg("want_mixed"));
 }

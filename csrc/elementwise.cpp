@@ -46,6 +46,30 @@ void check_activation(const at::Tensor& z, int64_t kind) {
               kernels::kNumActivations - 1, ")");
 }
 
+// x̂ (B, C, ...) and t (k·B, C, ...): k >= 1 stacked copies of x̂'s batch (the train-mode BatchNorm kernels).
+void check_bn_copies(const at::Tensor& t, const at::Tensor& xhat, const char* name) {
+  check_float(t, name);
+  check_same(t, xhat, name, "xhat");
+  bool ok = t.dim() == xhat.dim() && t.size(0) > 0 && t.size(0) % xhat.size(0) == 0;
+  for (int64_t d = 1; ok && d < t.dim(); ++d) ok = t.size(d) == xhat.size(d);
+  TORCH_CHECK(ok, name, " must have shape (k·B, C, ...): k >= 1 stacked copies of xhat's shape ", xhat.sizes(),
+              "; got ", t.sizes());
+}
+
+void check_bn_xhat(const at::Tensor& xhat) {
+  check_float(xhat, "xhat");
+  TORCH_CHECK(xhat.dim() >= 2 && xhat.numel() > 0, "xhat must be a non-empty (B, C, ...) tensor, got shape ",
+              xhat.sizes());
+}
+
+// A per-channel (C,) vector of x̂'s dtype and device.
+void check_bn_channel(const at::Tensor& v, const at::Tensor& xhat, const char* name) {
+  check_float(v, name);
+  check_same(v, xhat, name, "xhat");
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == xhat.size(1), name, " must have shape (", xhat.size(1),
+              ",) (one value per channel), got ", v.sizes());
+}
+
 }  // namespace
 
 #ifdef WITH_CUDA
@@ -181,6 +205,31 @@ at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at
   check_copies(q, z, "q");
   TORCH_CHECK(xi.numel() == q.numel(), "xi has ", xi.numel(), " elements but q has ", q.numel());
   DBPROP_DISPATCH(z, activation_source, xi, q, z, kind, p1, p2);
+}
+
+at::Tensor batchnorm_train_linear(const at::Tensor& q, const at::Tensor& xhat, const at::Tensor& scale) {
+  check_bn_xhat(xhat);
+  check_bn_copies(q, xhat, "q");
+  check_bn_channel(scale, xhat, "scale");
+  DBPROP_DISPATCH(q, batchnorm_train_linear, q, xhat, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Tensor& xi, const at::Tensor& q,
+                                                                   const at::Tensor& xhat, const at::Tensor& invstd,
+                                                                   const at::Tensor& gamma, bool need_tangent,
+                                                                   bool want_source, bool want_mixed) {
+  check_bn_xhat(xhat);
+  check_bn_copies(q, xhat, "q");
+  TORCH_CHECK(xi.defined() || !(want_source || want_mixed),
+              "xi is required for the source (want_source) and the mixed term (want_mixed)");
+  if (xi.defined()) {
+    check_bn_copies(xi, xhat, "xi");
+    TORCH_CHECK(xi.sizes() == q.sizes(), "xi ", xi.sizes(), " and q ", q.sizes(), " differ in shape");
+  }
+  check_bn_channel(invstd, xhat, "invstd");
+  if (gamma.defined()) check_bn_channel(gamma, xhat, "gamma");
+  if (!(need_tangent || want_source || want_mixed)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+  DBPROP_DISPATCH(q, batchnorm_train_bbp, xi, q, xhat, invstd, gamma, need_tangent, want_source, want_mixed);
 }
 
 }  // namespace dbprop

@@ -54,6 +54,20 @@ at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor&
 at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at::Tensor& z, int64_t kind, double p1,
                              double p2);
 
+// Train-mode BatchNorm (csrc/kernels/batchnorm.h, docs/maths.md §4.9). xhat is the saved x̂ (B, C, ...) and
+// q, xi hold k >= 1 stacked copies of its batch (k·B, C, ...); scale, invstd, gamma are (C,). All contiguous,
+// of one floating dtype and device.
+// A q = scale (q − m(q) − x̂ m(x̂ q)) per copy and channel (4.3; A is self-adjoint, so this is also Aᵀ q).
+at::Tensor batchnorm_train_linear(const at::Tensor& q, const at::Tensor& xhat, const at::Tensor& scale);
+
+// One reduction pass for the moments of every (copy, channel), then what is asked for: (A q with scale γ/σ if
+// need_tangent, ŝ (4.6) summed over the copies (B, C, ...) if want_source, θ̂_γ (4.5) summed over the copies (C,)
+// if want_mixed); the rest undefined. gamma may be undefined (γ = 1); xi is needed for the source and mixed terms.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Tensor& xi, const at::Tensor& q,
+                                                                   const at::Tensor& xhat, const at::Tensor& invstd,
+                                                                   const at::Tensor& gamma, bool need_tangent,
+                                                                   bool want_source, bool want_mixed);
+
 // The per-device launchers behind the dispatchers above (same signatures).
 #define DBPROP_DECLARE_LAUNCHERS                                                                                  \
   std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double); \
@@ -66,7 +80,11 @@ at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at
   std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor&, const at::Tensor&, int64_t, double, double,   \
                                                   const at::Tensor&, at::Tensor&, bool, bool);                     \
   at::Tensor activation_derivative_multiply(const at::Tensor&, const at::Tensor&, int64_t, double, double);        \
-  at::Tensor activation_source(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double);
+  at::Tensor activation_source(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double); \
+  at::Tensor batchnorm_train_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&);                     \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Tensor&, const at::Tensor&,        \
+                                                                     const at::Tensor&, const at::Tensor&,        \
+                                                                     const at::Tensor&, bool, bool, bool);
 
 namespace cpu {
 DBPROP_DECLARE_LAUNCHERS

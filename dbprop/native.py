@@ -42,6 +42,23 @@ class NativeKernels:
     def smooth_source(self, xi: Tensor, q: Tensor, z: Tensor, act) -> Tensor:
         return native_module().activation_source(xi.contiguous(), q.contiguous(), z, act.name, act.p1, act.p2)
 
+    # Train-mode BatchNorm (docs/maths.md §4.9; csrc/kernels/batchnorm.h): one reduction pass for the moments
+    # of every (copy, channel), then one elementwise pass per output. Per-channel vectors are brought to the
+    # tangent's dtype (a no-op unless parameters and activations differ in precision).
+    def batchnorm_train_linear(self, q: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
+        return native_module().batchnorm_train_linear(q.contiguous(), xhat.contiguous(),
+                                                      scale.to(q.dtype).contiguous())
+
+    def batchnorm_train_bbp(self, xi: Optional[Tensor], q: Tensor, xhat: Tensor, invstd: Tensor,
+                            gamma: Optional[Tensor], need_tangent: bool, want_source: bool, want_mixed: bool):
+        tangent, source, dgamma = native_module().batchnorm_train_bbp(
+            None if xi is None else xi.contiguous(), q.contiguous(), xhat.contiguous(),
+            invstd.to(q.dtype).contiguous(), None if gamma is None else gamma.detach().to(q.dtype).contiguous(),
+            need_tangent, want_source, want_mixed)
+        if dgamma is not None and gamma is not None:
+            dgamma = dgamma.to(gamma.dtype)
+        return tangent, source, dgamma
+
 
 class ChainPasses:
     """The passes of a plain chain through the native chain driver (csrc/passes.cpp): one call per pass.

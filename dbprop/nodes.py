@@ -39,6 +39,23 @@ def _rows(shape: Sequence[int], rows: int) -> List[int]:
     return [rows, *shape[1:]]
 
 
+def _channel(v: Tensor, dim: int) -> Tensor:
+    """View a per-channel vector ``(C,)`` for broadcasting over a ``dim``-d ``(rows, C, ...)`` tensor."""
+    return v.view(1, -1, *([1] * (dim - 2)))
+
+
+def _channel_means(t: Tensor) -> Tensor:
+    """``m(·)`` of docs/maths.md §4.9: per-channel means over each copy's batch and spatial positions, ``t`` of
+    shape ``(k, B, C, ...)``; keeps the reduced dimensions."""
+    return t.mean([1, *range(3, t.dim())], keepdim=True)
+
+
+def _batchnorm_apply(qs: Tensor, xhat: Tensor, m_q: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """(4.3) of docs/maths.md §4.9 from its moments: ``scale (q − m(q) − x̂ m(x̂ q))``, ``qs`` as ``(k, B, ...)``,
+    returned with ``k·B`` rows."""
+    return (qs - m_q - xhat * w).flatten(0, 1) * _channel(scale, qs.dim() - 1)
+
+
 # ------------------------------------------------------------------------------------------ activations
 @dataclass(frozen=True)
 class Smooth:
@@ -94,6 +111,37 @@ class PythonKernels:
         """``Σ_copies g''(z) ⊙ ξ ⊙ q`` (docs/maths.md §4.8)."""
         d2 = saved[1]
         return (per_copy(xi, d2.shape[0]) * per_copy(q, d2.shape[0])).sum(0) * d2
+
+    def batchnorm_train_linear(self, q: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
+        """Train-mode BatchNorm ``A q = scale (q − m(q) − x̂ m(x̂ q))`` (docs/maths.md §4.9 (4.3)) for ``q`` of
+        ``k·B`` rows and the saved ``x̂`` of ``B`` rows; ``A`` is self-adjoint, so this is also ``Aᵀ q``."""
+        qs = per_copy(q, xhat.shape[0])
+        return _batchnorm_apply(qs, xhat, _channel_means(qs), _channel_means(xhat * qs), scale)
+
+    def batchnorm_train_bbp(self, xi: Optional[Tensor], q: Tensor, xhat: Tensor, invstd: Tensor,
+                            gamma: Optional[Tensor], need_tangent: bool, want_source: bool, want_mixed: bool):
+        """Train-mode BatchNorm ``(A q, ŝ, θ̂_γ)`` from one set of moments (docs/maths.md §4.9), each ``None``
+        unless asked: with ``m_q = m(q)``, ``w = m(x̂ q)``, ``u = m(ξ x̂)``, ``cov = m(ξ q) − m(ξ) m(q)`` per copy,
+        ``A q = (γ/σ)(q − m_q − x̂ w)`` (4.3), ``ŝ = (γ/σ²) Σ_k [(3uw − cov) x̂ − w (ξ − m(ξ)) − u (q − m_q)]``
+        (4.6) and ``θ̂_γ = (N/σ) Σ_k (cov − u w)`` (4.5). ``gamma=None`` means ``γ = 1``."""
+        if (want_source or want_mixed) and xi is None:
+            raise RuntimeError("batchnorm_train_bbp: xi is required for the source and the mixed term")
+        qs, dim = per_copy(q, xhat.shape[0]), q.dim()
+        scale = invstd if gamma is None else gamma * invstd
+        m_q, w = _channel_means(qs), _channel_means(xhat * qs)
+        tangent = _batchnorm_apply(qs, xhat, m_q, w, scale) if need_tangent else None
+        source = dgamma = None
+        if want_source or want_mixed:
+            xis = per_copy(xi, xhat.shape[0])
+            m_xi, u = _channel_means(xis), _channel_means(xis * xhat)
+            cov = _channel_means(xis * qs) - m_xi * m_q
+            if want_source:
+                s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs - m_q)
+                source = s.sum(0) * _channel(scale * invstd, dim)
+            if want_mixed:
+                n = xhat.numel() // xhat.shape[1]
+                dgamma = n * invstd * (cov - u * w).sum(0).flatten()
+        return tangent, source, dgamma
 
 
 @dataclass
@@ -348,10 +396,6 @@ class BatchNorm(Unary):
     def _gamma(self, invstd: Tensor) -> Tensor:
         return invstd if self.module.weight is None else self.module.weight * invstd
 
-    @staticmethod
-    def _channel(v: Tensor, dim: int) -> Tensor:
-        return v.view(1, -1, *([1] * (dim - 2)))
-
     def forward(self, x, ctx):
         m = self.module
         if x.dim() not in (2, 3, 4):
@@ -367,30 +411,19 @@ class BatchNorm(Unary):
                              m.bias, True, factor, m.eps)
             var, mean = torch.var_mean(x, dims, correction=0)
             invstd = torch.rsqrt(var + m.eps)
-            xhat = (x - self._channel(mean, x.dim())) * self._channel(invstd, x.dim())
+            xhat = (x - _channel(mean, x.dim())) * _channel(invstd, x.dim())
             return y, (xhat, invstd, True)
         y = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         invstd = torch.rsqrt(m.running_var + m.eps)
         return y, (x if ctx.keep_inputs else None, invstd, False)
 
-    def _means(self, t: Tensor) -> Tensor:
-        """Per-channel means over each copy's batch and spatial positions, ``t`` of shape ``(k, B, C, ...)``."""
-        return t.mean([1, *range(3, t.dim())], keepdim=True)
-
-    def _moments(self, xi: Tensor, q: Tensor, xhat: Tensor):
-        """Per copy ``(ξ, q, m(ξ), m(q), cov(ξ, q), u = m(ξ x̂), w = m(x̂ q))``, ``ξ`` and ``q`` as ``(k, B, ...)``."""
-        xis, qs = per_copy(xi, xhat.shape[0]), per_copy(q, xhat.shape[0])
-        m_xi, m_q = self._means(xis), self._means(qs)
-        return xis, qs, m_xi, m_q, self._means(xis * qs) - m_xi * m_q, self._means(xis * xhat), self._means(xhat * qs)
-
+    # Train mode: the maths of (4.3)-(4.6) lives in the kernels (K.batchnorm_train_*), the Python reference
+    # being PythonKernels; eval mode is a per-channel diagonal map (4.2).
     def linear(self, q, saved, K):
         aux, invstd, train = saved
-        scale = self._channel(self._gamma(invstd), q.dim())
-        if not train:
-            return q * scale
-        qs, xhat = per_copy(q, aux.shape[0]), aux
-        out = qs - self._means(qs) - xhat * self._means(xhat * qs)
-        return out.flatten(0, 1) * scale
+        if train:
+            return K.batchnorm_train_linear(q, aux, self._gamma(invstd))
+        return q * _channel(self._gamma(invstd), q.dim())
 
     transpose = linear
 
@@ -398,20 +431,23 @@ class BatchNorm(Unary):
         if not want[0]:
             return [None, None]
         aux, invstd, train = saved
-        q, dim = qs[0], xi.dim()
-        if not train:  # ∂_γ ⟨ξ, (γ/σ) q⟩ = Σ ξ q / σ
-            return [(xi * q).sum([0, *range(2, dim)]) * invstd, None]
-        xhat = aux
-        _, _, _, _, cov, u, w = self._moments(xi, q, xhat)
-        n = xhat.numel() // xhat.shape[1]
-        return [n * invstd * (cov - u * w).sum(0).flatten(), None]  # summed over class copies
+        if train:  # (4.5), summed over class copies
+            return [K.batchnorm_train_bbp(xi, qs[0], aux, invstd, self.module.weight, False, False, True)[2], None]
+        return [(xi * qs[0]).sum([0, *range(2, xi.dim())]) * invstd, None]  # ∂_γ ⟨ξ, (γ/σ) q⟩ = Σ ξ q / σ
 
-    def source(self, xi, qs, saved, K):
+    def source(self, xi, qs, saved, K):  # train mode only (has_source): (4.6), summed over class copies
         xhat, invstd, _ = saved
-        xis, qs_, m_xi, m_q, cov, u, w = self._moments(xi, qs[0], xhat)
-        s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs_ - m_q)
-        g = self._gamma(invstd) * invstd
-        return [s.sum(0) * self._channel(g, xhat.dim())]
+        return [K.batchnorm_train_bbp(xi, qs[0], xhat, invstd, self.module.weight, False, True, False)[1]]
+
+    def bbp_step(self, xi, qs, saved, want, need_tangent, K):
+        """Train mode: tangent, mixed term and source from one set of moments (one kernel call)."""
+        aux, invstd, train = saved
+        if not train:
+            return super().bbp_step(xi, qs, saved, want, need_tangent, K)
+        want_mixed = xi is not None and bool(want) and want[0]
+        q, src, dgamma = K.batchnorm_train_bbp(xi, qs[0], aux, invstd, self.module.weight, need_tangent,
+                                               xi is not None, want_mixed)
+        return q, ([dgamma] + [None] * (len(want) - 1) if want else []), [src]
 
     def param_grads(self, eta, saved, want, K):
         if not any(want):
@@ -426,7 +462,7 @@ class BatchNorm(Unary):
                 if aux is None:
                     raise RuntimeError(f"{self.name}: the forward pass did not keep its input")
                 m = self.module
-                xhat = (aux - self._channel(m.running_mean, aux.dim())) * self._channel(invstd, aux.dim())
+                xhat = (aux - _channel(m.running_mean, aux.dim())) * _channel(invstd, aux.dim())
             dgamma = (eta * xhat).sum(dims)
         return [dgamma, eta.sum(dims) if want[1] else None]
 
