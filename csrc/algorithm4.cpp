@@ -22,7 +22,8 @@ double elapsed(std::chrono::steady_clock::time_point t0, const at::Device& devic
 }  // namespace
 
 JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax,
-                                const std::vector<int64_t>& chunks, int64_t chunk_budget_bytes, bool time_chunks,
+                                const std::vector<int64_t>& chunks, int64_t budget_max, int64_t budget_base,
+                                bool time_chunks,
                                 const at::Tensor& directions, double scale, const at::Tensor& sample_weight,
                                 const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
                                 bool need_input_grad) {
@@ -52,10 +53,11 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   const at::Tensor eye = directions.defined() ? at::Tensor() : at::eye(C, o.options());
   const int64_t n = directions.defined() ? directions.size(0) : C;
 
-  int64_t cap = n;  // chunk_budget_bytes > 0: no pass holds more directions than fit the budget
-  if (chunk_budget_bytes > 0) {
-    const int64_t per_direction = std::max<int64_t>(1, 2 * B * s->numel_per_sample * o.element_size());
-    cap = std::max<int64_t>(1, std::min<int64_t>(n, chunk_budget_bytes / per_direction));
+  int64_t cap = n;  // the memory budget of dbprop/engine.py chunk_cap: min(max, base + forward state bytes)
+  if (budget_max > 0) {
+    const int64_t state = B * s->numel_per_sample * o.element_size();
+    const int64_t per_direction = std::max<int64_t>(1, 2 * state);
+    cap = std::max<int64_t>(1, std::min<int64_t>(n, std::min(budget_max, budget_base + state) / per_direction));
   }
 
   JacobianResult r;

@@ -93,11 +93,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::make_tuple(opt(gamma0), to_optional(gw), to_optional(gb));
   });
   m.def("jacobian_penalty", [](const Program& p, const at::Tensor& x, bool softmax, const std::vector<int64_t>& chunks,
-                               int64_t chunk_budget_bytes, bool time_chunks, const OptTensor& directions, double scale,
+                               int64_t budget_max, int64_t budget_base, bool time_chunks,
+                               const OptTensor& directions, double scale,
                                const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
                                const std::vector<bool>& want_bias, bool need_input_grad) {
     py::gil_scoped_release release;
-    auto r = dbprop::jacobian_penalty(p, x, softmax, chunks, chunk_budget_bytes, time_chunks, directions.value_or(at::Tensor()), scale,
+    auto r = dbprop::jacobian_penalty(p, x, softmax, chunks, budget_max, budget_base, time_chunks,
+                                      directions.value_or(at::Tensor()), scale,
                                       sample_weight, want_weight, want_bias, need_input_grad);
     return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x), r.chunk_sizes,
                            r.chunk_seconds);

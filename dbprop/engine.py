@@ -18,8 +18,10 @@ from .penalties import JacobianFrobenius, Penalty, _bcast
 from .program import Program
 
 #: memory the class chunks may use for their cotangents when ``chunk_size=None`` (dbprop/tuning.py picks the
-#: fastest size within it)
-DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2 ** 20
+#: fastest size within it): as much as the parameters and the forward state take, plus a small floor, at most
+#: the maximum; so the default uses at most about twice the memory of ``chunk_size=1``, also at C = 1000
+CHUNK_BUDGET_MAX_BYTES = 256 * 2 ** 20
+CHUNK_BUDGET_FLOOR_BYTES = 8 * 2 ** 20
 
 
 @dataclass
@@ -51,10 +53,17 @@ def make_passes(program: Program, backend: str):
     return passes.Passes(program, PythonKernels())
 
 
-def chunk_cap(fp: ForwardState, num_directions: int, batch: int) -> int:
-    """The most directions per batched pass whose cotangents fit ``DEFAULT_CHUNK_BUDGET_BYTES``."""
-    per_direction = 2 * batch * fp.numel_per_sample * fp.output.element_size()
-    return max(1, min(num_directions, DEFAULT_CHUNK_BUDGET_BYTES // max(1, per_direction)))
+def chunk_budget_base(program: Program) -> int:
+    """The budget's part that does not depend on the input: the floor plus the parameters' bytes."""
+    return CHUNK_BUDGET_FLOOR_BYTES + sum(p.numel() * p.element_size() for p in program.parameters())
+
+
+def chunk_cap(program: Program, fp: ForwardState, num_directions: int, batch: int) -> int:
+    """The most directions per batched pass whose cotangents (two state-sized tensors per direction) fit
+    ``min(CHUNK_BUDGET_MAX_BYTES, chunk_budget_base + bytes of the forward state)`` (csrc/algorithm4.cpp too)."""
+    state = batch * fp.numel_per_sample * fp.output.element_size()
+    budget = min(CHUNK_BUDGET_MAX_BYTES, chunk_budget_base(program) + state)
+    return max(1, min(num_directions, budget // max(1, 2 * state)))
 
 
 def _tuning_key(head: Penalty, x: Tensor, n: int, *flags) -> tuple:
@@ -106,7 +115,8 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
         else:
             schedule = [chunk_size]
         value, input_grad, sizes, seconds = native.jacobian_penalty(
-            program, x, head.output == "softmax", schedule, DEFAULT_CHUNK_BUDGET_BYTES if key else 0,
+            program, x, head.output == "softmax", schedule, CHUNK_BUDGET_MAX_BYTES if key else 0,
+            chunk_budget_base(program),
             key is not None and tuner.tuning(key), None, 1.0, w[0].contiguous(), grads, need_input_grad)
         if seconds:
             tuner.record(key, sizes, seconds)
@@ -126,7 +136,7 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
     n = head.num_directions
     if chunk_size is None:
         key = _tuning_key(head, x, n, need_param_grads, need_input_grad, backend)
-        schedule, cap = tuner.schedule(key, n), chunk_cap(fp, n, B)
+        schedule, cap = tuner.schedule(key, n), chunk_cap(program, fp, n, B)
     else:
         schedule, cap = [chunk_size], n
     timer = ChunkTimer(x.device, key is not None and tuner.tuning(key))
