@@ -10,6 +10,16 @@
 
 namespace dbprop {
 
+// Train-mode BatchNorm shapes (csrc/kernels/batchnorm.h): k copies of a (B, C, S) batch.
+struct BnDims {
+  int64_t k, B, C, S;
+};
+
+inline BnDims bn_dims(const at::Tensor& q, const at::Tensor& xhat) {
+  const int64_t B = xhat.size(0), C = xhat.size(1);
+  return {q.numel() / xhat.numel(), B, C, xhat.numel() / (B * C)};
+}
+
 // x = g(z + b) and the packed bits of a = [z + b > 0]; `bias` (per channel, may be undefined),
 // element e takes bias channel (e / inner) % channels. z must be contiguous.
 std::tuple<at::Tensor, at::Tensor> forward_epilogue(const at::Tensor& z, const at::Tensor& bias, int64_t channels,

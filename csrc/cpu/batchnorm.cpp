@@ -18,15 +18,6 @@ namespace {
 constexpr int64_t kGrain = 2048;
 constexpr int kLanes = 4;  // independent partial sums per slot in the reduction (breaks the add latency chain)
 
-struct BnDims {
-  int64_t k, B, C, S;
-};
-
-BnDims bn_dims(const at::Tensor& q, const at::Tensor& xhat) {
-  const int64_t B = xhat.size(0), C = xhat.size(1);
-  return {q.numel() / xhat.numel(), B, C, xhat.numel() / (B * C)};
-}
-
 // The moments (m_q, w[, m_ξ, cov, u]) of every (copy, channel) in one pass over q (and ξ), into `mom`
 // (k·C records of kernels::kBnSlots).
 template <bool kWithXi, typename scalar_t, typename acc_t>

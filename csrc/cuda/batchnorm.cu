@@ -3,6 +3,7 @@
 // at::acc_type<scalar_t, true>: float for float / half / bfloat16, double for double), then grid-stride
 // elementwise kernels; the source sums the copies in one thread per x̂ entry (no atomics, deterministic).
 #include "../elementwise.h"
+#include "launch.cuh"
 #include "../kernels/batchnorm.h"
 
 #include <ATen/AccumulateType.h>
@@ -14,25 +15,6 @@
 namespace dbprop {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;  // a power of two (tree reduction)
-
-int blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
-}
-
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-
-struct BnDims {
-  int64_t k, B, C, S;
-};
-
-BnDims bn_dims(const at::Tensor& q, const at::Tensor& xhat) {
-  const int64_t B = xhat.size(0), C = xhat.size(1);
-  return {q.numel() / xhat.numel(), B, C, xhat.numel() / (B * C)};
-}
 
 // Block t = kk·C + c reduces the N = B·S entries of (copy kk, channel c) and writes its moment record.
 template <bool kWithXi, typename scalar_t, typename acc_t>

@@ -3,6 +3,7 @@
 // the activation source term, which has one thread per output element (deterministic); under
 // torch.use_deterministic_algorithms(True) the bias gradient takes a deterministic path (csrc/elementwise.cpp).
 #include "../elementwise.h"
+#include "launch.cuh"
 #include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
 
@@ -15,16 +16,6 @@
 namespace dbprop {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
-}
-
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 template <typename scalar_t, typename acc_t>
 __global__ void forward_epilogue_kernel(const scalar_t* z, const scalar_t* bias, scalar_t* x, int64_t n,
