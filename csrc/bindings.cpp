@@ -136,12 +136,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     dbprop::softmax_eta_accumulate(x, v, h, eta);
     return eta;
   });
-  m.def("penalty_head", [](const at::Tensor& xi, const OptTensor& x, int64_t kind, double p1, double p2,
+  m.def("penalty_head", [](const at::Tensor& xi, const OptTensor& x, const std::string& head, double p1, double p2,
                            const at::Tensor& weight, at::Tensor value, bool want_q0, bool want_input_grad) {
-    auto [q0, gx] = dbprop::penalty_head(xi, x.value_or(at::Tensor()), kind, p1, p2, weight, value, want_q0,
+    auto [q0, gx] = dbprop::penalty_head(xi, x.value_or(at::Tensor()), dbprop::head_kind(head), p1, p2, weight, value, want_q0,
                                          want_input_grad);
     return std::make_tuple(value, opt(q0), opt(gx));
-  }, "value (B,) += Σ_k p(ξ_k); returns (value, q_0, Σ_k ∂p/∂x) for penalty head `kind`.");
+  }, "value (B,) += Σ_k p(ξ_k); returns (value, q_0, Σ_k ∂p/∂x) for the penalty head named `head`.");
 
   // smooth activations (csrc/kernels/activations.h), selected by name; only C++ knows the kind numbers
   m.def("activation_names", &dbprop::activation_names, "Names of the smooth activations, in table order.");

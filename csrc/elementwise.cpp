@@ -158,8 +158,9 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                                                 bool want_input_grad) {
   check_float(xi, "xi");
   TORCH_CHECK(xi.dim() == 3 && xi.size(0) > 0 && xi.size(1) > 0, "xi must have shape (k, B, N), got ", xi.sizes());
-  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown penalty head kind ", kind);
-  if (kind >= 3 || want_input_grad) {  // alignment and relevance read x
+  TORCH_CHECK(kind >= kernels::kSquaredNorm && kind <= kernels::kRelevance, "unknown penalty head kind ", kind);
+  const bool reads_x = kind == kernels::kAlignment || kind == kernels::kRelevance;
+  if (reads_x || want_input_grad) {
     check_float(x, "x");
     check_same(xi, x, "xi", "x");
     TORCH_CHECK(x.dim() == 2 && x.size(0) == xi.size(1) && x.size(1) == xi.size(2), "x must have shape (",
@@ -172,6 +173,17 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                   value.size(0) == xi.size(1) && value.is_contiguous() && value.device() == xi.device(),
               "value must be a contiguous (", xi.size(1), ",) tensor of ", at::toOpMathType(xi.scalar_type()));
   DBPROP_DISPATCH(xi, penalty_head, xi, x, kind, p1, p2, weight, value, want_q0, want_input_grad);
+}
+
+int64_t head_kind(const std::string& name) {
+#define DBPROP_HEAD_CASE(id, str) \
+  if (name == str) return kernels::id;
+  DBPROP_PENALTY_HEADS(DBPROP_HEAD_CASE)
+#undef DBPROP_HEAD_CASE
+#define DBPROP_HEAD_NAME(id, str) str " "
+  TORCH_CHECK(false, "unknown penalty head '", name, "'; known: " DBPROP_PENALTY_HEADS(DBPROP_HEAD_NAME));
+#undef DBPROP_HEAD_NAME
+  return -1;
 }
 
 int64_t activation_kind(const std::string& name) {

@@ -49,6 +49,9 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
                                                 double p2, const at::Tensor& weight, at::Tensor& value, bool want_q0,
                                                 bool want_input_grad);
 
+// The kernels::HeadKind of a penalty head's name (csrc/kernels/elementwise.h table; TORCH_CHECK on unknown names).
+int64_t head_kind(const std::string& name);
+
 // Smooth activations (csrc/kernels/activations.h): the kind number of a name (TORCH_CHECK on unknown names)
 // and all names in table order (kind i is activation_names()[i]).
 int64_t activation_kind(const std::string& name);

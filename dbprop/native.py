@@ -131,12 +131,12 @@ def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunks: List[in
 
 def penalty_head(head, xi: Tensor, x: Tensor, weight: Tensor, want_q0: bool, want_input_grad: bool):
     """``(Σ_k p(ξ_k), w ∇p, Σ_k w ∂p/∂x)`` of ``head`` in the native kernel; ``xi`` is ``(k, B, ...)``."""
-    kind, p1, p2 = head.native_head
+    name, p1, p2 = head.native_head
     k, B = xi.shape[:2]
     acc = torch.float64 if xi.dtype == torch.float64 else torch.float32
     value = torch.zeros(B, dtype=acc, device=xi.device)
     x2 = x.detach().reshape(B, -1).contiguous()
-    value, q0, gx = native_module().penalty_head(xi.reshape(k, B, -1).contiguous(), x2, kind, p1, p2,
+    value, q0, gx = native_module().penalty_head(xi.reshape(k, B, -1).contiguous(), x2, name, p1, p2,
                                                  weight.contiguous(), value, want_q0, want_input_grad)
     return (value.to(xi.dtype), None if q0 is None else q0.view(xi.shape),
             None if gx is None else gx.view(x.shape))

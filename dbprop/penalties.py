@@ -147,7 +147,8 @@ class Penalty:
         """``∂p/∂x`` at fixed ``ξ_0`` (``None`` when ``p`` does not depend on ``x`` directly)."""
         return None
 
-    # ---- the same head in the native kernels: (kind, p1, p2) of csrc/kernels/elementwise.h, or None
+    # ---- the same head in the native kernels: (name, p1, p2), name from DBPROP_PENALTY_HEADS in
+    # csrc/kernels/elementwise.h, or None
     @property
     def native_head(self):
         return None
@@ -188,7 +189,7 @@ class SquaredNorm(Penalty):
 
     @property
     def native_head(self):
-        return (0, self.scale, 0.0)
+        return ("squared_norm", self.scale, 0.0)
 
     def value(self, xi, x):
         return self.scale * _flat_sum(xi * xi)
@@ -250,7 +251,7 @@ class SpectralNorm(Penalty):
         check_positive_int("power_iterations", power_iterations)
         self.power_iterations = power_iterations
 
-    native_head = (1, 0.0, 0.0)
+    native_head = ("spectral", 0.0, 0.0)
 
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)
@@ -299,7 +300,7 @@ class Relevance(_LabelledLogits):
 
     @property
     def native_head(self):
-        return (4, self.l1, self.l2)
+        return ("relevance", self.l1, self.l2)
 
     def value(self, xi, x):
         r = x * xi
@@ -317,7 +318,7 @@ class Relevance(_LabelledLogits):
 class Alignment(_LabelledLogits):
     """Misalignment ``p = ‖x‖²‖ξ_0‖² − ⟨x, ξ_0⟩²`` (zero iff the saliency map is parallel to ``x``)."""
 
-    native_head = (3, 0.0, 0.0)
+    native_head = ("alignment", 0.0, 0.0)
 
     def value(self, xi, x):
         x = x.unsqueeze(0)
@@ -341,7 +342,7 @@ class GradientNorm(Penalty):
 
     @property
     def native_head(self):
-        return (2, self.center, 0.0)
+        return ("gradient_norm", self.center, 0.0)
 
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)

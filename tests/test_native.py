@@ -134,8 +134,8 @@ def test_penalty_head_kernel_equals_python_head(name):
     xi = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     w = torch.rand(4, generator=g, dtype=torch.float64)
-    kind, p1, p2 = head.native_head
-    value, q0, gx = _C.penalty_head(xi, x, kind, p1, p2, w, torch.zeros(4, dtype=torch.float64), True, True)
+    head_name, p1, p2 = head.native_head
+    value, q0, gx = _C.penalty_head(xi, x, head_name, p1, p2, w, torch.zeros(4, dtype=torch.float64), True, True)
     torch.testing.assert_close(value, head.value(xi, x).sum(0), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(q0, head.q0(xi, x) * w[None, :, None], rtol=1e-12, atol=1e-14)
     direct = head.input_grad(xi, x)
@@ -157,11 +157,15 @@ def test_native_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="must be contiguous"):
         _C.mask_multiply(torch.randn(10, 2, dtype=torch.float64)[:, 0], bits, 10, 0.0)
     with pytest.raises(RuntimeError, match="sample_weight must have shape"):
-        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, 0, 1.0, 0.0,
+        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "squared_norm", 1.0, 0.0,
                         torch.ones(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
     with pytest.raises(RuntimeError, match="x must have shape"):
-        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64), 3, 0.0,
-                        0.0, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
+        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
+                        "alignment", 0.0, 0.0, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                        True, False)
+    with pytest.raises(RuntimeError, match="unknown penalty head 'hinge'; known: squared_norm spectral"):
+        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "hinge", 1.0, 0.0,
+                        torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
 
 
 def test_native_forward_rejects_empty_batch_and_mismatch():
