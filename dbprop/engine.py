@@ -13,9 +13,9 @@ from torch import Tensor
 from . import memory, native, passes
 from .nodes import PythonKernels
 from .passes import ForwardState, ParamGrads
-from .tuning import ChunkTimer
 from .penalties import JacobianFrobenius, Penalty, _bcast
 from .program import Program
+from .tuning import ChunkTimer
 
 #: memory the class chunks may use for their cotangents when ``chunk_size=None`` (dbprop/tuning.py picks the
 #: fastest size within it): as much as the parameters and the forward state take, plus a small floor, at most
@@ -114,9 +114,9 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
             schedule = tuner.schedule(key, native.chain_num_classes(program))
         else:
             schedule = [chunk_size]
+        budget_max = CHUNK_BUDGET_MAX_BYTES if key else 0  # a pinned chunk_size is not capped
         value, input_grad, sizes, seconds = native.jacobian_penalty(
-            program, x, head.output == "softmax", schedule, CHUNK_BUDGET_MAX_BYTES if key else 0,
-            chunk_budget_base(program),
+            program, x, head.output == "softmax", schedule, budget_max, chunk_budget_base(program),
             key is not None and tuner.tuning(key), None, 1.0, w[0].contiguous(), grads, need_input_grad)
         if seconds:
             tuner.record(key, sizes, seconds)
