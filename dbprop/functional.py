@@ -6,6 +6,7 @@ model's parameters (and of ``x`` when it requires grad) computed by the explicit
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Optional, Union
@@ -30,14 +31,6 @@ class FallbackWarning(UserWarning):
     """A model could not be compiled; the penalty runs through autograd double backprop."""
 
 
-def warn_fallback(model: nn.Module, error: UnsupportedModelError, stacklevel: int) -> None:
-    """One ``FallbackWarning`` per model."""
-    if model not in _warned:
-        _warned.add(model)
-        warnings.warn(f"dbprop: {error}; falling back to autograd double backpropagation", FallbackWarning,
-                      stacklevel=stacklevel)
-
-
 def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean", chunk_size: Optional[int] = None,
             backend: str = "auto", strict: bool = False) -> Tensor:
     """Evaluate any penalty ``head`` (from :mod:`dbprop.penalties`) on ``model`` at ``x``.
@@ -52,24 +45,40 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     backend = backends.resolve(backend)
     check_input(x)  # the same checks on the native and the fallback path
     refuse_sharded(model)  # always an error: the autograd fallback cannot run on FSDP shards either
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return _penalty(model, x.to(dtype), head, reduction, chunk_size, backend, strict)
-    return _penalty(model, x, head, reduction, chunk_size, backend, strict)
+    off, x = autocast_off(model, x)
+    with off:
+        program = compiled_or_none(model, x, strict, stacklevel=4)
+        if program is None:
+            return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
+        return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
 
 
-def _penalty(model, x, head, reduction, chunk_size, backend, strict):
+def autocast_off(model: nn.Module, x: Tensor):
+    """Inside ``torch.autocast``: a context that switches it off, and ``x`` cast (differentiably) to the dtype of
+    the model's parameters; else a null context and ``x`` (README, "Mixed precision")."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext(), x
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    return torch.autocast(x.device.type, enabled=False), x.to(dtype)
+
+
+def compiled_or_none(model: nn.Module, x: Tensor, strict: bool, stacklevel: int):
+    """The model's verified program for an input that passed ``check_input``, or ``None`` (after one
+    ``FallbackWarning`` per model, ``stacklevel`` as for ``warnings.warn`` here) when it cannot be compiled;
+    ``strict=True`` raises instead."""
     try:
         program = cached_program(model)
-        program.check_input(x)
+        program.check_shapes(x)
         program.verify(x)
+        return program
     except UnsupportedModelError as e:
         if strict:
             raise
-        warn_fallback(model, e, stacklevel=5)
-        return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
-    return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
+        if model not in _warned:
+            _warned.add(model)
+            warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
+                          stacklevel=stacklevel)
+        return None
 
 
 def jacobian_penalty(model: nn.Module, x: Tensor, output: str = "logits", estimator: str = "exact",

@@ -21,8 +21,6 @@ from . import backends, engine, fallback, ops
 from . import functional as Fn
 from . import penalties as P
 from .autograd import reduce
-from .errors import UnsupportedModelError
-from .program import cached_program
 
 
 class _PenaltyModule(nn.Module):
@@ -48,11 +46,9 @@ class _PenaltyModule(nn.Module):
         if not torch.compiler.is_compiling():
             return Fn.penalty(self.model, x, self._head(labels), self.reduction, self.chunk_size, **self._backend())
         # traced by torch.compile: one opaque operator (dbprop/ops.py) that runs the eager computation
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                return self._operator(x.to(dtype), labels)
-        return self._operator(x, labels)
+        off, x = Fn.autocast_off(self.model, x)
+        with off:
+            return self._operator(x, labels)
 
     def _operator(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
         params = list(self.model.parameters())
@@ -86,14 +82,8 @@ class _PenaltyModule(nn.Module):
             grads_now = True
         want_params = grads_now and any(need_params)
         want_x = grads_now and need_input
-        try:
-            program = cached_program(self.model)
-            program.check_input(x)
-            program.verify(x)
-        except UnsupportedModelError as e:
-            if self.strict:
-                raise
-            Fn.warn_fallback(self.model, e, stacklevel=2)
+        program = Fn.compiled_or_none(self.model, x, self.strict, stacklevel=2)
+        if program is None:
             return self._fallback_value_and_grads(x, head, live, need_params, want_x, weight, grads_now)
         r = engine.run(program, head, x.detach(), sample_weight=weight, need_param_grads=want_params,
                        need_input_grad=want_x, chunk_size=self.chunk_size, backend=backends.resolve(self.backend),

@@ -50,9 +50,10 @@ def penalty(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: 
     [new values of buffers])``. ``buffers``: the model's buffers when the penalty replaces the task forward
     (double backprop: BatchNorm running statistics move), else empty. The op itself changes nothing (it is
     functional); the caller writes the new buffer values back."""
-    live = list(_module(handle).model.buffers()) if buffers else []
+    module = _module(handle)
+    live = list(module.model.buffers()) if buffers else []
     before = [b.clone() for b in live]
-    value, gx, gps = _module(handle)._value_and_grads(x, labels, params, need_params, need_input, None)
+    value, gx, gps = module._value_and_grads(x, labels, params, need_params, need_input, None)
     after = [b.clone() for b in live]
     with torch.no_grad():
         for b, old in zip(live, before):

@@ -469,6 +469,11 @@ class Program:
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` cannot be fed to the program."""
         check_input(x)
+        self.check_shapes(x)
+
+    def check_shapes(self, x: Tensor) -> None:
+        """The program's own part of ``check_input``: dtype, device and the shape the first layers expect
+        (for callers that already ran ``dbprop.penalties.check_input``)."""
         params = self.parameters()
         if params:
             w = params[0]

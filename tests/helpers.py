@@ -22,6 +22,14 @@ def max_rel_err(a, b):
     return worst
 
 
+def assert_grads_close(got, want, rtol=1e-9):
+    """‖a − b‖ < rtol · max(‖b‖, 1e-6 · the largest ‖b‖) per pair: the floor covers gradients that are exactly
+    zero in theory (biases before a train-mode BatchNorm), where both sides hold rounding noise."""
+    floor = 1e-6 * max(b.norm().item() for b in want)
+    for a, b in zip(got, want):
+        assert (a - b).norm().item() < rtol * max(b.norm().item(), floor)
+
+
 def compare(model, x, call, head, reduction="mean", seed=7, weights=None):
     """Run ``call()`` (a dbprop penalty) and the autograd reference on ``head`` with the same RNG stream;
     return (value, reference value, relative error of value and of all gradients)."""

@@ -7,6 +7,8 @@ import torch.nn as nn
 import dbprop
 from dbprop import ops
 
+from helpers import assert_grads_close
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -33,12 +35,6 @@ PENALTIES = {  # name -> (model factory, penalty factory, call)
     "alignment": (_net, lambda m: dbprop.AlignmentPenalty(m), lambda p, x, y: p(x, y)),
     "gradient-penalty": (_critic, lambda m: dbprop.GradientPenalty(m), lambda p, x, y: p(x)),
 }
-
-
-def _grads_close(a, b):
-    floor = 1e-6 * max(t.norm().item() for t in b)  # conv biases before train-mode BN: exactly-zero gradients
-    for u, v in zip(a, b):
-        assert (u - v).norm().item() <= 1e-9 * max(v.norm().item(), floor)
 
 
 def _step(model, pen, call, name):
@@ -72,7 +68,7 @@ def test_compiled_fullgraph_step_matches_eager(name):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss, grads, buffers = _run(compiled, model, X)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=0)
-    _grads_close(grads, eager_grads)
+    assert_grads_close(grads, eager_grads)
     for a, b in zip(buffers, eager_buffers):  # running statistics: the task forward (+ double backprop's)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
@@ -87,7 +83,7 @@ def test_compiled_with_inductor_matches_eager():
     torch._dynamo.reset()
     got = _run(torch.compile(step, fullgraph=True), model, X)
     torch.testing.assert_close(got[0], eager[0], rtol=1e-12, atol=0)
-    _grads_close(got[1], eager[1])
+    assert_grads_close(got[1], eager[1])
 
 
 def test_compiled_reduction_none_with_weights_is_exact():
@@ -100,7 +96,7 @@ def test_compiled_reduction_none_with_weights_is_exact():
     eager = _run(step, model, X)
     torch._dynamo.reset()
     got = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), model, X)
-    _grads_close(got[1], eager[1])
+    assert_grads_close(got[1], eager[1])
 
 
 def _op_args(pen, model, labels=None):

@@ -240,16 +240,10 @@ at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor&
   c10::cuda::CUDAGuard guard(c.device());
   at::Tensor out = at::empty_like(c);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (kind) {  // kind was checked by the dispatcher (csrc/elementwise.cpp)
-#define DBPROP_ACTIVATION_CASE(id, name, Act)                              \
-  case kernels::id:                                                        \
-    launch_activation_derivative_multiply<Act>(c, z, out, p1, p2, stream); \
-    break;
-    DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_CASE)
-#undef DBPROP_ACTIVATION_CASE
-    default:
-      TORCH_CHECK(false, "unknown activation kind ", kind);
-  }
+  const bool known = kernels::visit_activation(kind, [&](auto act) {  // kind was checked by csrc/elementwise.cpp
+    launch_activation_derivative_multiply<decltype(act)>(c, z, out, p1, p2, stream);
+  });
+  TORCH_CHECK(known, "unknown activation kind ", kind);
   return out;
 }
 
@@ -258,16 +252,10 @@ at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = at::empty_like(z);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (kind) {
-#define DBPROP_ACTIVATION_CASE(id, name, Act)                     \
-  case kernels::id:                                               \
-    launch_activation_source<Act>(xi, q, z, out, p1, p2, stream); \
-    break;
-    DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_CASE)
-#undef DBPROP_ACTIVATION_CASE
-    default:
-      TORCH_CHECK(false, "unknown activation kind ", kind);
-  }
+  const bool known = kernels::visit_activation(kind, [&](auto act) {
+    launch_activation_source<decltype(act)>(xi, q, z, out, p1, p2, stream);
+  });
+  TORCH_CHECK(known, "unknown activation kind ", kind);
   return out;
 }
 

@@ -32,7 +32,7 @@ def logits_and_input_gradients(model: nn.Module, x: Tensor, classes: Optional[Te
     check_input(x)  # also on the autograd path
     try:
         program = cached_program(model)
-        program.check_input(x)
+        program.check_shapes(x)
         program.verify(x)
     except UnsupportedModelError:
         return _autograd_input_gradients(model, x, classes)
