@@ -2,7 +2,7 @@
 // projection estimate (given directions), logits or softmax output, classes in chunks (sizes `chunks`).
 #include "algorithm4.h"
 
-#include "elementwise.h"
+#include "ops.h"
 #include "kernels/elementwise.h"
 
 #include <ATen/OpMathType.h>
@@ -75,7 +75,7 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
     at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
     auto [xi, zetas] = backward(p, *s, zeta_L.reshape({k * B, C}), want_params);
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
-    at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), kernels::kSquaredNorm, scale, 0.0, sample_weight,
+    at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), "squared_norm", scale, 0.0, sample_weight,
                                              r.value, need_any, false));
     if (want_params || fbp) {  // else nothing downstream of q_0 is wanted
       at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);

@@ -2,7 +2,7 @@
 // Mirrors dbprop/passes.py and dbprop/nodes.py (the readable reference) node for node on chains.
 #include "program.h"
 
-#include "elementwise.h"
+#include "ops.h"
 
 #include <c10/util/Exception.h>
 

@@ -15,6 +15,9 @@ try:  # torch must be imported before the extension (it links against libtorch)
     from . import _C as _native  # type: ignore[attr-defined, no-redef]
 except ImportError as e:  # no compiler at install time, or not built yet
     _native_error = str(e)
+else:  # loading it registered the element kernels' operators (csrc/ops.cpp); their fake kernels are Python
+    from .native_ops import register_fakes
+    register_fakes()
 
 
 def native_available() -> bool:

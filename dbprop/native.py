@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import native_ops
 from .backends import native_module
 from .nodes import Affine
 from .passes import ParamGrads
@@ -23,35 +24,35 @@ class NativeKernels:
     def piecewise_forward(self, z: Tensor, act):
         zc = z.contiguous()
         if act.hi == math.inf:  # (leaky) ReLU: g, and the bits of z > 0, in one pass
-            y, bits = native_module().forward_epilogue(zc, None, 1, 1, act.slope)
+            y, bits = native_ops.forward_epilogue(zc, None, 1, 1, act.slope)
         else:                   # ReLU6 / Hardtanh: bits of lo < z < hi
             y = act.fn(z)
-            bits = native_module().pack_positive(((zc > act.lo) & (zc < act.hi)).to(torch.uint8).view(-1))
+            bits = native_ops.pack_positive(((zc > act.lo) & (zc < act.hi)).to(torch.uint8).view(-1))
         return y, (bits, z.numel())
 
     def mask_multiply(self, c: Tensor, saved, act) -> Tensor:
         bits, numel = saved
-        return native_module().mask_multiply(c.contiguous(), bits, numel, act.slope)
+        return native_ops.mask_multiply(c.contiguous(), bits, numel, act.slope)
 
     def smooth_forward(self, z: Tensor, act):
         return act.fn(z), z.contiguous()
 
     def smooth_multiply(self, c: Tensor, z: Tensor, act) -> Tensor:
-        return native_module().activation_derivative_multiply(c.contiguous(), z, act.name, act.p1, act.p2)
+        return native_ops.activation_derivative_multiply(c.contiguous(), z, act.name, act.p1, act.p2)
 
     def smooth_source(self, xi: Tensor, q: Tensor, z: Tensor, act) -> Tensor:
-        return native_module().activation_source(xi.contiguous(), q.contiguous(), z, act.name, act.p1, act.p2)
+        return native_ops.activation_source(xi.contiguous(), q.contiguous(), z, act.name, act.p1, act.p2)
 
     # Train-mode BatchNorm (docs/maths.md §4.9; csrc/kernels/batchnorm.h): one reduction pass for the moments
     # of every (copy, channel), then one elementwise pass per output. Per-channel vectors are brought to the
     # tangent's dtype (a no-op unless parameters and activations differ in precision).
     def batchnorm_train_linear(self, q: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
-        return native_module().batchnorm_train_linear(q.contiguous(), xhat.contiguous(),
-                                                      scale.to(q.dtype).contiguous())
+        return native_ops.batchnorm_train_linear(q.contiguous(), xhat.contiguous(),
+                                                 scale.detach().to(q.dtype).contiguous())
 
     def batchnorm_train_bbp(self, xi: Optional[Tensor], q: Tensor, xhat: Tensor, invstd: Tensor,
                             gamma: Optional[Tensor], need_tangent: bool, want_source: bool, want_mixed: bool):
-        tangent, source, dgamma = native_module().batchnorm_train_bbp(
+        tangent, source, dgamma = native_ops.batchnorm_train_bbp(
             None if xi is None else xi.contiguous(), q.contiguous(), xhat.contiguous(),
             invstd.to(q.dtype).contiguous(), None if gamma is None else gamma.detach().to(q.dtype).contiguous(),
             need_tangent, want_source, want_mixed)
@@ -136,7 +137,7 @@ def penalty_head(head, xi: Tensor, x: Tensor, weight: Tensor, want_q0: bool, wan
     acc = torch.float64 if xi.dtype == torch.float64 else torch.float32
     value = torch.zeros(B, dtype=acc, device=xi.device)
     x2 = x.detach().reshape(B, -1).contiguous()
-    value, q0, gx = native_module().penalty_head(xi.reshape(k, B, -1).contiguous(), x2, name, p1, p2,
-                                                 weight.contiguous(), value, want_q0, want_input_grad)
+    q0, gx = native_ops.penalty_head(xi.reshape(k, B, -1).contiguous(), x2, name, p1, p2, weight.contiguous(),
+                                     value, want_q0, want_input_grad)
     return (value.to(xi.dtype), None if q0 is None else q0.view(xi.shape),
             None if gx is None else gx.view(x.shape))

@@ -13,6 +13,7 @@ from nets import NETS, build, draw_input
 pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
 if dbprop.native_available():
     from dbprop import _C
+    from dbprop import native_ops as K
 
 CALLS = {
     "jacobian-logits": lambda m, x, b: F.jacobian_penalty(m, x, backend=b),
@@ -87,13 +88,13 @@ def _unpack(bits, n):
 @pytest.mark.parametrize("slope", [0.0, 0.1, -0.3])
 def test_packed_mask_round_trip_odd_sizes(n, dtype, slope):
     z = torch.randn(n, dtype=torch.float64).to(dtype)
-    x, bits = _C.forward_epilogue(z, None, 1, 1, slope)
+    x, bits = K.forward_epilogue(z, None, 1, 1, slope)
     assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
     assert torch.equal(_unpack(bits, n), z > 0)
     torch.testing.assert_close(x, torch.nn.functional.leaky_relu(z, slope))
     c = torch.randn(3 * n, dtype=torch.float64).to(dtype)  # three stacked directions
     expected = torch.where((z > 0).repeat(3), c, c * slope)
-    torch.testing.assert_close(_C.mask_multiply(c, bits, n, slope), expected)
+    torch.testing.assert_close(K.mask_multiply(c, bits, n, slope), expected)
 
 
 @pytest.mark.parametrize("shape,channels,inner", [((5, 3), 3, 1), ((2, 4, 3, 5), 4, 15), ((3, 2, 7), 2, 7)])
@@ -101,10 +102,10 @@ def test_epilogue_bias_and_fused_bias_gradient(shape, channels, inner):
     z = torch.randn(shape, dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64)
     b = bias if inner == 1 else bias.view(-1, *([1] * (len(shape) - 2)))
-    x, bits = _C.forward_epilogue(z, bias, channels, inner, 0.0)
+    x, bits = K.forward_epilogue(z, bias, channels, inner, 0.0)
     torch.testing.assert_close(x, torch.relu(z + b))
     c = torch.randn(2 * shape[0], *shape[1:], dtype=torch.float64)
-    eta, db = _C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, channels, inner)
+    eta, db = K.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, channels, inner)
     expected = c * (z + b > 0).repeat(2, *([1] * (len(shape) - 1)))
     torch.testing.assert_close(eta, expected)
     dims = [0] + list(range(2, len(shape))) if inner > 1 else [0]
@@ -116,8 +117,8 @@ def test_softmax_kernels():
     z = torch.randn(4, 6, generator=g, dtype=torch.float64)
     x = torch.softmax(z, -1)
     v, h = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64) for _ in range(2))
-    torch.testing.assert_close(_C.softmax_cotangent(x, v), P.softmax_adjoint(x, v))
-    eta = _C.softmax_eta_accumulate(x, v, h, torch.zeros(4, 6, dtype=torch.float64))
+    torch.testing.assert_close(K.softmax_cotangent(x, v), P.softmax_adjoint(x, v))
+    eta = K.softmax_eta_accumulate(x, v, h, torch.zeros(4, 6, dtype=torch.float64))
     torch.testing.assert_close(eta, P.softmax_eta(x, v, h).sum(0))
 
 
@@ -135,7 +136,8 @@ def test_penalty_head_kernel_equals_python_head(name):
     x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     w = torch.rand(4, generator=g, dtype=torch.float64)
     head_name, p1, p2 = head.native_head
-    value, q0, gx = _C.penalty_head(xi, x, head_name, p1, p2, w, torch.zeros(4, dtype=torch.float64), True, True)
+    value = torch.zeros(4, dtype=torch.float64)
+    q0, gx = K.penalty_head(xi, x, head_name, p1, p2, w, value, True, True)
     torch.testing.assert_close(value, head.value(xi, x).sum(0), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(q0, head.q0(xi, x) * w[None, :, None], rtol=1e-12, atol=1e-14)
     direct = head.input_grad(xi, x)
@@ -145,27 +147,27 @@ def test_penalty_head_kernel_equals_python_head(name):
 
 def test_native_checks_name_the_argument():
     z = torch.randn(10, dtype=torch.float64)
-    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.0)
+    x, bits = K.forward_epilogue(z, None, 1, 1, 0.0)
     with pytest.raises(RuntimeError, match="bits holds 2 bytes"):
-        _C.mask_multiply(torch.randn(30, dtype=torch.float64), bits, 30, 0.0)
+        K.mask_multiply(torch.randn(30, dtype=torch.float64), bits, 30, 0.0)
     with pytest.raises(RuntimeError, match="whole number of copies"):
-        _C.mask_multiply(torch.randn(15, dtype=torch.float64), bits, 10, 0.0)
+        K.mask_multiply(torch.randn(15, dtype=torch.float64), bits, 10, 0.0)
     with pytest.raises(RuntimeError, match="empty"):
-        _C.forward_epilogue(torch.randn(0, dtype=torch.float64), None, 1, 1, 0.0)
+        K.forward_epilogue(torch.randn(0, dtype=torch.float64), None, 1, 1, 0.0)
     with pytest.raises(RuntimeError, match="bias has 3 elements"):
-        _C.forward_epilogue(z.view(5, 2), torch.zeros(3, dtype=torch.float64), 2, 1, 0.0)
+        K.forward_epilogue(z.view(5, 2), torch.zeros(3, dtype=torch.float64), 2, 1, 0.0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        _C.mask_multiply(torch.randn(10, 2, dtype=torch.float64)[:, 0], bits, 10, 0.0)
+        K.mask_multiply(torch.randn(10, 2, dtype=torch.float64)[:, 0], bits, 10, 0.0)
     with pytest.raises(RuntimeError, match="sample_weight must have shape"):
-        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "squared_norm", 1.0, 0.0,
-                        torch.ones(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
+        K.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "squared_norm", 1.0, 0.0,
+                       torch.ones(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
     with pytest.raises(RuntimeError, match="x must have shape"):
-        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
-                        "alignment", 0.0, 0.0, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
-                        True, False)
+        K.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
+                       "alignment", 0.0, 0.0, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                       True, False)
     with pytest.raises(RuntimeError, match="unknown penalty head 'hinge'; known: squared_norm spectral"):
-        _C.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "hinge", 1.0, 0.0,
-                        torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
+        K.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "hinge", 1.0, 0.0,
+                       torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
 
 
 def test_native_forward_rejects_empty_batch_and_mismatch():
@@ -196,21 +198,21 @@ def test_cuda_native_equals_python(net, case):
 @pytest.mark.parametrize("n", [1, 13, 1001])
 def test_cuda_packed_masks(n):
     z = torch.randn(n, dtype=torch.float64, device="cuda")
-    x, bits = _C.forward_epilogue(z, None, 1, 1, 0.2)
+    x, bits = K.forward_epilogue(z, None, 1, 1, 0.2)
     assert torch.equal(_unpack(bits.cpu(), n), (z > 0).cpu())
     c = torch.randn(2 * n, dtype=torch.float64, device="cuda")
-    torch.testing.assert_close(_C.mask_multiply(c, bits, n, 0.2), torch.where((z > 0).repeat(2), c, 0.2 * c))
+    torch.testing.assert_close(K.mask_multiply(c, bits, n, 0.2), torch.where((z > 0).repeat(2), c, 0.2 * c))
 
 
 @cuda
 def test_cuda_bias_gradient_is_deterministic_under_deterministic_algorithms():
     from helpers import deterministic_algorithms
     z = torch.randn(64 * 8 * 25, dtype=torch.float32, device="cuda")
-    _, bits = _C.forward_epilogue(z, None, 1, 1, 0.0)
+    _, bits = K.forward_epilogue(z, None, 1, 1, 0.0)
     c = torch.randn(2 * z.numel(), dtype=torch.float32, device="cuda")
-    fused = _C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25)
+    fused = K.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25)
     with deterministic_algorithms():
-        runs = [_C.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25) for _ in range(3)]
+        runs = [K.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25) for _ in range(3)]
     assert all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs)
     torch.testing.assert_close(runs[0][0], fused[0])
     torch.testing.assert_close(runs[0][1], fused[1], rtol=1e-5, atol=1e-4)

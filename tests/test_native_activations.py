@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 try:
     from dbprop import _C
+    from dbprop import native_ops
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
 
@@ -69,8 +70,8 @@ def test_float64_matches_autograd(name, p1, p2, k):
     z = draw_z(name, p1, p2)
     c, xi, q = draw_copies(z, k)
     ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
-    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
-    src = _C.activation_source(xi, q, z, name, p1, p2)
+    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
+    src = native_ops.activation_source(xi, q, z, name, p1, p2)
     assert out.shape == c.shape and out.dtype == torch.float64
     assert src.shape == z.shape and src.dtype == torch.float64
     torch.testing.assert_close(out, ref_mul, rtol=1e-12, atol=1e-14)
@@ -83,24 +84,24 @@ def test_derivatives_match_autograd_float64(name, p1, p2):
     z = draw_z(name, p1, p2, seed=5)
     d1, d2 = autograd_derivatives(name, z, p1, p2)
     ones = torch.ones_like(z)
-    torch.testing.assert_close(_C.activation_derivative_multiply(ones, z, name, p1, p2), d1, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(_C.activation_source(ones, ones, z, name, p1, p2), d2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(native_ops.activation_derivative_multiply(ones, z, name, p1, p2), d1, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(native_ops.activation_source(ones, ones, z, name, p1, p2), d2, rtol=1e-12, atol=1e-14)
 
 
 def test_conventions_at_kinks():
     z = torch.tensor([-1e-300, 0.0, 1e-300], dtype=torch.float64)
     one = torch.ones_like(z)
     # elu: g' = α exp(z) for z <= 0, g'' = α exp(z) only for z < 0 (PyTorch's elu_backward / double backward)
-    assert _C.activation_derivative_multiply(one, z, "elu", 1.5, 0.0).tolist() == [1.5, 1.5, 1.0]
-    assert _C.activation_source(one, one, z, "elu", 1.5, 0.0).tolist() == [1.5, 0.0, 0.0]
+    assert native_ops.activation_derivative_multiply(one, z, "elu", 1.5, 0.0).tolist() == [1.5, 1.5, 1.0]
+    assert native_ops.activation_source(one, one, z, "elu", 1.5, 0.0).tolist() == [1.5, 0.0, 0.0]
     # softplus: g' = 1 only beyond the threshold (β z > t), g'' = 0 from the threshold on (β z >= t)
     z = torch.tensor([10.0, 10.5], dtype=torch.float64)
     one = torch.ones_like(z)
-    d1 = _C.activation_derivative_multiply(one, z, "softplus", 2.0, 20.0)
+    d1 = native_ops.activation_derivative_multiply(one, z, "softplus", 2.0, 20.0)
     assert d1[0].item() == pytest.approx(1 / (1 + torch.exp(torch.tensor(-20.0, dtype=torch.float64)).item()),
                                          rel=1e-15)
     assert d1[1].item() == 1.0
-    assert _C.activation_source(one, one, z, "softplus", 2.0, 20.0).tolist() == [0.0, 0.0]
+    assert native_ops.activation_source(one, one, z, "softplus", 2.0, 20.0).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("name,p1,p2", CASES)
@@ -110,8 +111,8 @@ def test_low_precision_against_float64(name, p1, p2, dtype, tol):
     z = draw_z(name, p1, p2, dtype=dtype, seed=2)
     c, xi, q = draw_copies(z, seed=3)
     ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
-    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
-    src = _C.activation_source(xi, q, z, name, p1, p2)
+    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
+    src = native_ops.activation_source(xi, q, z, name, p1, p2)
     assert out.dtype == dtype and src.dtype == dtype
     torch.testing.assert_close(out.double(), ref_mul, rtol=tol, atol=tol * ref_mul.abs().max().item())
     torch.testing.assert_close(src.double(), ref_src, rtol=tol, atol=tol * ref_src.abs().max().item())
@@ -122,15 +123,15 @@ def test_large_tensor_parallel_matches_small_chunks():
     z = torch.randn(3, 5000, dtype=torch.float64)
     c, xi, q = draw_copies(z)
     for name, p1, p2 in CASES:
-        out = _C.activation_derivative_multiply(c, z, name, p1, p2)
-        src = _C.activation_source(xi, q, z, name, p1, p2)
-        assert torch.equal(out, _C.activation_derivative_multiply(c, z, name, p1, p2))
-        assert torch.equal(src, _C.activation_source(xi, q, z, name, p1, p2))
+        out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
+        src = native_ops.activation_source(xi, q, z, name, p1, p2)
+        assert torch.equal(out, native_ops.activation_derivative_multiply(c, z, name, p1, p2))
+        assert torch.equal(src, native_ops.activation_source(xi, q, z, name, p1, p2))
         part = slice(0, 7)
         assert torch.equal(out[:, :, part],
-                           _C.activation_derivative_multiply(c[:, :, part].contiguous(), z[:, part].contiguous(),
+                           native_ops.activation_derivative_multiply(c[:, :, part].contiguous(), z[:, part].contiguous(),
                                                              name, p1, p2))
-        assert torch.equal(src[:, part], _C.activation_source(xi[:, :, part].contiguous(), q[:, :, part].contiguous(),
+        assert torch.equal(src[:, part], native_ops.activation_source(xi[:, :, part].contiguous(), q[:, :, part].contiguous(),
                                                               z[:, part].contiguous(), name, p1, p2))
 
 
@@ -138,30 +139,30 @@ def test_argument_checks():
     z = torch.randn(2, 5, dtype=torch.float64)
     c = torch.randn(3, 2, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="unknown activation 'relu'.*gelu.*mish"):
-        _C.activation_derivative_multiply(c, z, "relu", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c, z, "relu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="unknown activation"):
-        _C.activation_source(c, c, z, "GELU", 0.0, 0.0)
+        native_ops.activation_source(c, c, z, "GELU", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="cotangent is Float but z is Double"):
-        _C.activation_derivative_multiply(c.float(), z, "gelu", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c.float(), z, "gelu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="q is Float but z is Double"):
-        _C.activation_source(c, c.float(), z, "gelu", 0.0, 0.0)
+        native_ops.activation_source(c, c.float(), z, "gelu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="whole positive number of copies"):
-        _C.activation_derivative_multiply(torch.randn(11, dtype=torch.float64), z, "gelu", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(torch.randn(11, dtype=torch.float64), z, "gelu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="whole positive number of copies"):
-        _C.activation_source(torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64), z, "silu",
+        native_ops.activation_source(torch.randn(11, dtype=torch.float64), torch.randn(11, dtype=torch.float64), z, "silu",
                              0.0, 0.0)
     with pytest.raises(RuntimeError, match="xi has 30 elements but q has 20"):
-        _C.activation_source(c, c[:2].contiguous(), z, "silu", 0.0, 0.0)
+        native_ops.activation_source(c, c[:2].contiguous(), z, "silu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="empty"):
-        _C.activation_derivative_multiply(c, z[:0], "tanh", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c, z[:0], "tanh", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="whole positive number of copies"):
-        _C.activation_derivative_multiply(c[:0], z, "tanh", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c[:0], z, "tanh", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="must be floating point"):
-        _C.activation_derivative_multiply(c.long(), z.long(), "tanh", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c.long(), z.long(), "tanh", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        _C.activation_derivative_multiply(c.transpose(1, 2), z, "tanh", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(c.transpose(1, 2), z, "tanh", 0.0, 0.0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        _C.activation_source(c, c, z.t(), "tanh", 0.0, 0.0)
+        native_ops.activation_source(c, c, z.t(), "tanh", 0.0, 0.0)
 
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get("cuda")),
@@ -174,15 +175,15 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get
 def test_cuda_equals_cpu(name, p1, p2, dtype, tol):
     z = draw_z(name, p1, p2, dtype=dtype, seed=4)
     c, xi, q = draw_copies(z, seed=6)
-    out = _C.activation_derivative_multiply(c, z, name, p1, p2)
-    src = _C.activation_source(xi, q, z, name, p1, p2)
-    out_gpu = _C.activation_derivative_multiply(c.cuda(), z.cuda(), name, p1, p2)
-    src_gpu = _C.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2)
+    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
+    src = native_ops.activation_source(xi, q, z, name, p1, p2)
+    out_gpu = native_ops.activation_derivative_multiply(c.cuda(), z.cuda(), name, p1, p2)
+    src_gpu = native_ops.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2)
     assert out_gpu.is_cuda and src_gpu.is_cuda and out_gpu.dtype == dtype and src_gpu.dtype == dtype
     torch.testing.assert_close(out_gpu.cpu().double(), out.double(), rtol=tol, atol=tol * out.abs().max().item())
     torch.testing.assert_close(src_gpu.cpu().double(), src.double(), rtol=tol, atol=tol * src.abs().max().item())
     # deterministic: one writer per element, no atomics
-    assert torch.equal(src_gpu, _C.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2))
+    assert torch.equal(src_gpu, native_ops.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2))
     if dtype == torch.float64:
         ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
         torch.testing.assert_close(out_gpu.cpu(), ref_mul, rtol=1e-12, atol=1e-14)
@@ -193,4 +194,4 @@ def test_cuda_equals_cpu(name, p1, p2, dtype, tol):
 def test_cuda_argument_checks():
     z = torch.randn(2, 5, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match="is on"):
-        _C.activation_derivative_multiply(torch.randn(3, 2, 5, dtype=torch.float64), z, "gelu", 0.0, 0.0)
+        native_ops.activation_derivative_multiply(torch.randn(3, 2, 5, dtype=torch.float64), z, "gelu", 0.0, 0.0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dbprop.nodes import PythonKernels
 
 try:
-    from dbprop import _C
+    from dbprop import _C, native_ops
     from dbprop.native import NativeKernels
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
@@ -83,14 +83,14 @@ def test_float64_native_and_reference_match_autograd(shape, k, gamma):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_native_equals_reference_to_rounding(shape):
     x, xhat, invstd, gam, xi, q = make_case(shape, 3, seed=1)
-    nat = _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+    nat = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     ref = PY.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     for a, b in zip(nat, ref):
         assert_rel(a, b, 1e-13)
     # the one-pass call equals the separate calls
-    assert torch.equal(nat[0], _C.batchnorm_train_linear(q, xhat, gam * invstd))
-    assert torch.equal(nat[1], _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, True, False)[1])
-    assert torch.equal(nat[2], _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, False, True)[2])
+    assert torch.equal(nat[0], native_ops.batchnorm_train_linear(q, xhat, gam * invstd))
+    assert torch.equal(nat[1], native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, True, False)[1])
+    assert torch.equal(nat[2], native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, False, True)[2])
 
 
 def test_flags_select_outputs():
@@ -103,17 +103,17 @@ def test_flags_select_outputs():
         assert t is None and s is not None and g is None
         with pytest.raises(RuntimeError, match="xi is required"):
             K.batchnorm_train_bbp(None, q, xhat, invstd, gam, True, True, False)
-    assert _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, False, False) == (None, None, None)
+    assert native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, False, False, False) == (None, None, None)
 
 
 def test_large_tensor_parallel_matches_reference_and_repeats():
     """Sizes that split into several parallel tasks, S not a multiple of the reduction's lane count."""
     x, xhat, invstd, gam, xi, q = make_case((16, 24, 9, 11), 3, seed=2)
-    nat = _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+    nat = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     ref = PY.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     for a, b in zip(nat, ref):
         assert_rel(a, b, 1e-12)
-    for a, b in zip(nat, _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)):
+    for a, b in zip(nat, native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)):
         assert torch.equal(a, b)  # deterministic: no atomics
 
 
@@ -123,9 +123,9 @@ def test_low_precision_against_float64(shape, dtype, tol):
     """Low precision inputs, moments accumulated in the accumulation type, each output rounded once: compared
     with the float64 reference on the same (rounded) inputs."""
     _, xhat, invstd, gam, xi, q = make_case(shape, 3, dtype=dtype, seed=3)
-    nat = _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+    nat = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     ref = PY.batchnorm_train_bbp(*(t.double() for t in (xi, q, xhat, invstd, gam)), True, True, True)
-    lin = _C.batchnorm_train_linear(q, xhat, (gam.double() * invstd.double()).to(dtype))
+    lin = native_ops.batchnorm_train_linear(q, xhat, (gam.double() * invstd.double()).to(dtype))
     for got, want in zip((*nat, lin), (*ref, ref[0])):
         assert got.dtype == dtype
         assert_rel(got.double(), want, tol)
@@ -135,35 +135,35 @@ def test_argument_checks():
     _, xhat, invstd, gam, xi, q = make_case((4, 3, 5), 2)
     f = torch.float64
     with pytest.raises(RuntimeError, match=r"q must have shape \(k·B, C, ...\).*\[4, 3, 5\]; got \[7, 3, 5\]"):
-        _C.batchnorm_train_linear(torch.randn(7, 3, 5, dtype=f), xhat, invstd)
+        native_ops.batchnorm_train_linear(torch.randn(7, 3, 5, dtype=f), xhat, invstd)
     with pytest.raises(RuntimeError, match=r"q must have shape.*got \[8, 2, 5\]"):
-        _C.batchnorm_train_linear(torch.randn(8, 2, 5, dtype=f), xhat, invstd)
+        native_ops.batchnorm_train_linear(torch.randn(8, 2, 5, dtype=f), xhat, invstd)
     with pytest.raises(RuntimeError, match=r"q must have shape.*got \[8, 15\]"):
-        _C.batchnorm_train_linear(torch.randn(8, 15, dtype=f), xhat, invstd)
+        native_ops.batchnorm_train_linear(torch.randn(8, 15, dtype=f), xhat, invstd)
     with pytest.raises(RuntimeError, match="q is Float but xhat is Double"):
-        _C.batchnorm_train_linear(q.float(), xhat, invstd)
+        native_ops.batchnorm_train_linear(q.float(), xhat, invstd)
     with pytest.raises(RuntimeError, match="scale is Float but xhat is Double"):
-        _C.batchnorm_train_linear(q, xhat, invstd.float())
+        native_ops.batchnorm_train_linear(q, xhat, invstd.float())
     with pytest.raises(RuntimeError, match=r"scale must have shape \(3,\)"):
-        _C.batchnorm_train_linear(q, xhat, invstd[:2])
+        native_ops.batchnorm_train_linear(q, xhat, invstd[:2])
     with pytest.raises(RuntimeError, match="q must be contiguous"):
-        _C.batchnorm_train_linear(q.transpose(1, 2).contiguous().transpose(1, 2), xhat, invstd)
+        native_ops.batchnorm_train_linear(q.transpose(1, 2).contiguous().transpose(1, 2), xhat, invstd)
     with pytest.raises(RuntimeError, match="must be floating point"):
-        _C.batchnorm_train_linear(q.long(), xhat.long(), invstd.long())
+        native_ops.batchnorm_train_linear(q.long(), xhat.long(), invstd.long())
     with pytest.raises(RuntimeError, match="xhat must be a non-empty"):
-        _C.batchnorm_train_linear(q, xhat[:, :0].contiguous(), invstd)
+        native_ops.batchnorm_train_linear(q, xhat[:, :0].contiguous(), invstd)
     with pytest.raises(RuntimeError, match="xhat must be a non-empty"):
-        _C.batchnorm_train_linear(q.view(-1), xhat.view(-1), invstd)
+        native_ops.batchnorm_train_linear(q.view(-1), xhat.view(-1), invstd)
     with pytest.raises(RuntimeError, match=r"xi \[4, 3, 5\] and q \[8, 3, 5\] differ in shape"):
-        _C.batchnorm_train_bbp(xi[:4].contiguous(), q, xhat, invstd, gam, True, True, True)
+        native_ops.batchnorm_train_bbp(xi[:4].contiguous(), q, xhat, invstd, gam, True, True, True)
     with pytest.raises(RuntimeError, match="xi is required"):
-        _C.batchnorm_train_bbp(None, q, xhat, invstd, gam, False, False, True)
+        native_ops.batchnorm_train_bbp(None, q, xhat, invstd, gam, False, False, True)
     with pytest.raises(RuntimeError, match=r"gamma must have shape \(3,\)"):
-        _C.batchnorm_train_bbp(xi, q, xhat, invstd, torch.ones(4, dtype=f), True, True, True)
+        native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, torch.ones(4, dtype=f), True, True, True)
     with pytest.raises(RuntimeError, match="invstd is Float but xhat is Double"):
-        _C.batchnorm_train_bbp(xi, q, xhat, invstd.float(), gam, True, True, True)
+        native_ops.batchnorm_train_bbp(xi, q, xhat, invstd.float(), gam, True, True, True)
     with pytest.raises(RuntimeError, match="xi is Float but xhat is Double"):
-        _C.batchnorm_train_bbp(xi.float(), q, xhat, invstd, gam, True, True, True)
+        native_ops.batchnorm_train_bbp(xi.float(), q, xhat, invstd, gam, True, True, True)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -212,15 +212,15 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get
                                        (torch.float16, 2e-3)])
 def test_cuda_equals_cpu(shape, dtype, tol):
     _, xhat, invstd, gam, xi, q = make_case(shape, 3, dtype=dtype, seed=5)
-    cpu = _C.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+    cpu = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     dev = [t.cuda() for t in (xi, q, xhat, invstd, gam)]
-    gpu = _C.batchnorm_train_bbp(*dev, True, True, True)
+    gpu = native_ops.batchnorm_train_bbp(*dev, True, True, True)
     for a, b in zip(gpu, cpu):
         assert a.is_cuda and a.dtype == dtype
         assert_rel(a.cpu().double(), b.double(), tol)
-    lin = _C.batchnorm_train_linear(dev[1], dev[2], (gam * invstd).cuda())
-    assert_rel(lin.cpu().double(), _C.batchnorm_train_linear(q, xhat, gam * invstd).double(), tol)
-    for a, b in zip(gpu, _C.batchnorm_train_bbp(*dev, True, True, True)):
+    lin = native_ops.batchnorm_train_linear(dev[1], dev[2], (gam * invstd).cuda())
+    assert_rel(lin.cpu().double(), native_ops.batchnorm_train_linear(q, xhat, gam * invstd).double(), tol)
+    for a, b in zip(gpu, native_ops.batchnorm_train_bbp(*dev, True, True, True)):
         assert torch.equal(a, b)  # deterministic
     with pytest.raises(RuntimeError, match="is on"):
-        _C.batchnorm_train_linear(q, dev[2], dev[3])
+        native_ops.batchnorm_train_linear(q, dev[2], dev[3])

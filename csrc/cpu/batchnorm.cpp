@@ -1,7 +1,7 @@
 // CPU launchers of the train-mode BatchNorm bodies (csrc/kernels/batchnorm.h, docs/maths.md §4.9):
 // one reduction pass per (copy, channel) task, accumulated in at::acc_type<scalar_t, false> (double for float),
 // then one elementwise pass per output; at::parallel_for (OpenMP) over tasks, deterministic (no atomics).
-#include "../elementwise.h"
+#include "../ops.h"
 #include "../kernels/batchnorm.h"
 
 #include <ATen/AccumulateType.h>

@@ -1,5 +1,5 @@
 // CPU launchers of the element bodies: at::parallel_for over bytes, elements, channels or rows.
-#include "../elementwise.h"
+#include "../ops.h"
 #include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
 

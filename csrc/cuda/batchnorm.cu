@@ -2,7 +2,7 @@
 // current ATen stream: one block per (copy, channel) for the moments (shared-memory tree reduction in
 // at::acc_type<scalar_t, true>: float for float / half / bfloat16, double for double), then grid-stride
 // elementwise kernels; the source sums the copies in one thread per x̂ entry (no atomics, deterministic).
-#include "../elementwise.h"
+#include "../ops.h"
 #include "launch.cuh"
 #include "../kernels/batchnorm.h"
 

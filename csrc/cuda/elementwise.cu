@@ -1,14 +1,15 @@
 // CUDA launchers of the element bodies (csrc/kernels/elementwise.h): grid-stride __global__ kernels on the
 // current ATen stream. Reductions accumulate in the op-math type (float for half / bfloat16) with atomics, except
 // the activation source term, which has one thread per output element (deterministic); under
-// torch.use_deterministic_algorithms(True) the bias gradient takes a deterministic path (csrc/elementwise.cpp).
-#include "../elementwise.h"
+// torch.use_deterministic_algorithms(True) the bias gradient takes a deterministic path (mask_multiply_bias_grad).
+#include "../ops.h"
 #include "launch.cuh"
 #include "../kernels/activations.h"
 #include "../kernels/elementwise.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -174,6 +175,13 @@ at::Tensor mask_multiply(const at::Tensor& c, const at::Tensor& bits, int64_t ma
 std::tuple<at::Tensor, at::Tensor> mask_multiply_bias_grad(const at::Tensor& c, const at::Tensor& bits,
                                                            int64_t mask_numel, double slope, int64_t channels,
                                                            int64_t inner) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    // torch.use_deterministic_algorithms(True): the fused kernel below sums with atomics; instead the masked
+    // product, then ATen's deterministic tree reduction over batch and positions
+    at::Tensor out = mask_multiply(c, bits, mask_numel, slope);
+    at::Tensor db = out.view({-1, channels, inner}).sum({0, 2}, false, at::toOpMathType(c.scalar_type()));
+    return {out, db.to(c.scalar_type())};
+  }
   c10::cuda::CUDAGuard guard(c.device());
   at::Tensor out = at::empty_like(c);
   at::Tensor db = at::zeros({channels}, c.options().dtype(at::toOpMathType(c.scalar_type())));
@@ -240,7 +248,7 @@ at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor&
   c10::cuda::CUDAGuard guard(c.device());
   at::Tensor out = at::empty_like(c);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool known = kernels::visit_activation(kind, [&](auto act) {  // kind was checked by csrc/elementwise.cpp
+  const bool known = kernels::visit_activation(kind, [&](auto act) {  // kind was checked by csrc/ops.cpp
     launch_activation_derivative_multiply<decltype(act)>(c, z, out, p1, p2, stream);
   });
   TORCH_CHECK(known, "unknown activation kind ", kind);

@@ -1,0 +1,121 @@
+"""The element kernels as dispatcher operators (csrc/ops.cpp, dbprop/native_ops.py): every operator has a sample
+here, passes torch.library.opcheck (schema, autograd registration, fake kernel, AOT dispatch) on each device,
+runs under FakeTensorMode, and refuses to be differentiated."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import dbprop
+
+pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
+if dbprop.native_available():
+    from dbprop import _C, native_ops
+
+PYTHON_OPERATORS = {"penalty", "penalty_grads"}  # torch.library.custom_op over the whole penalty (dbprop/ops.py)
+
+
+def samples(device, dtype):
+    """Arguments of every element operator, made with the operators themselves where they consume packed bits."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    z = r(2, 3, 5)
+    _, bits = native_ops.forward_epilogue(z, None, 1, 1, 0.0)
+    probs = torch.softmax(r(4, 6), -1)
+    xhat = r(4, 3, 2)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return {
+        "forward_epilogue": [(z, r(3), 3, 5, 0.0), (z, None, 1, 1, 0.1), (z, r(3), 3, 5, -0.5)],
+        "pack_positive": [((r(13) > 0).to(torch.uint8),)],
+        "mask_multiply": [(r(2, 2, 3, 5), bits, z.numel(), 0.0)],
+        "mask_multiply_bias_grad": [(r(2, 2, 3, 5), bits, z.numel(), 0.2, 3, 5)],
+        "softmax_cotangent": [(probs, r(3, 4, 6))],
+        "softmax_eta_accumulate": [(probs, r(3, 4, 6), r(3, 4, 6), torch.zeros(4, 6, dtype=acc, device=device))],
+        "penalty_head": [(r(3, 4, 5), r(4, 5), name, 0.7, 0.3, torch.rand(4, generator=g, dtype=torch.float64)
+                          .to(device=device, dtype=dtype), torch.zeros(4, dtype=acc, device=device), want_q0, want_gx)
+                         for name in _C.penalty_head_names() for want_q0, want_gx in [(True, True), (False, False)]]
+        + [(r(3, 4, 5), None, "squared_norm", 1.0, 0.0, torch.ones(4, dtype=dtype, device=device),
+            torch.zeros(4, dtype=acc, device=device), True, False)],
+        "activation_derivative_multiply": [(r(3, 2, 3, 5), z, name, 1.0, 20.0) for name in _C.activation_names()],
+        "activation_source": [(r(3, 2, 3, 5), r(3, 2, 3, 5), z, name, 1.0, 20.0) for name in _C.activation_names()],
+        "batchnorm_train_linear": [(r(8, 3, 2), xhat, r(3))],
+        "batchnorm_train_bbp": [(r(8, 3, 2), r(8, 3, 2), xhat, r(3).abs(), gamma, t, s, m)
+                                for gamma in (r(3), None) for t, s, m in [(True, True, True), (False, True, False),
+                                                                         (True, False, False), (False, False, False)]]
+        + [(None, r(8, 3, 2), xhat, r(3).abs(), None, True, False, False)],
+    }
+
+
+def element_operators():
+    return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dbprop::"))
+
+
+def test_every_operator_has_samples():
+    """A new operator in csrc/ops.cpp without a sample (hence without an opcheck) fails here."""
+    assert set(element_operators()) == set(samples("cpu", torch.float64)) | PYTHON_OPERATORS
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and dbprop.native_available() and _C.build_info().get("cuda")),
+    reason="needs a GPU and dbprop._C built with CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(samples("cpu", torch.float64)))
+def test_opcheck(name, dtype, device):
+    op = getattr(torch.ops.dbprop, name).default
+    for args in samples(device, dtype)[name]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", sorted(samples("cpu", torch.float64)))
+def test_fake_kernel_matches_real_outputs(name):
+    """Under FakeTensorMode every operator produces outputs of the real ones' shapes, dtypes and strides."""
+    for args in samples("cpu", torch.float64)[name]:
+        real = getattr(torch.ops.dbprop, name)(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = getattr(torch.ops.dbprop, name)(*fake_args)
+        real = real if isinstance(real, tuple) else () if real is None else (real,)
+        fake = fake if isinstance(fake, tuple) else () if fake is None else (fake,)
+        assert len(real) == len(fake)
+        for a, b in zip(real, fake):
+            assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+
+
+def test_operators_are_not_differentiable():
+    """The kernels are derivative computations: an argument that requires grad is refused (grad mode on) instead
+    of giving outputs that silently carry no gradient; under no_grad they run."""
+    z = torch.randn(2, 3, dtype=torch.float64)
+    _, bits = native_ops.forward_epilogue(z, None, 1, 1, 0.0)
+    c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="dbprop::mask_multiply is one of dbprop's derivative kernels and is not "
+                                           "differentiable, but its argument 'c' requires grad"):
+        native_ops.mask_multiply(c, bits, z.numel(), 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(native_ops.mask_multiply(c, bits, z.numel(), 0.0), c.detach() * (z > 0))
+
+
+def test_in_place_operators_bump_the_version_counter():
+    """softmax_eta_accumulate and penalty_head write eta / value: autograd sees the change like any in-place op."""
+    probs = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1)
+    eta = torch.zeros(4, 6, dtype=torch.float64)
+    before = eta._version
+    native_ops.softmax_eta_accumulate(probs, torch.randn(2, 4, 6, dtype=torch.float64),
+                                      torch.randn(2, 4, 6, dtype=torch.float64), eta)
+    assert eta._version > before and eta.abs().sum() > 0
+
+
+def test_wrong_device_or_dtype_names_the_argument():
+    """Checks run inside every device's kernel (TORCH_CHECK), naming the argument."""
+    probs = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1)
+    with pytest.raises(RuntimeError, match="probs is Double but directions is Float"):
+        native_ops.softmax_cotangent(probs, torch.randn(1, 4, 6))
+    with pytest.raises(RuntimeError, match="eta must be Double"):
+        native_ops.softmax_eta_accumulate(probs, torch.randn(1, 4, 6, dtype=torch.float64),
+                                          torch.randn(1, 4, 6, dtype=torch.float64), torch.zeros(4, 6))
+    with pytest.raises(RuntimeError, match="unknown activation 'swish'"):
+        native_ops.activation_source(probs, probs, probs, "swish", 0.0, 0.0)
