@@ -5,6 +5,9 @@
 written the way facebookresearch/jacobian_regularizer does it; (e)/(f) dbprop python / native backends;
 (g) classical double backprop, autograd versus DoubleBackpropLoss; (h) one plain training step.
 """
+import copy
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vjp, vmap
@@ -70,6 +73,34 @@ def jacreg(model, x, y, output, C, n_proj=1):
 def dbprop_jacobian(model, x, y, output, C, backend="python", chunk_size=None, estimator="exact", n_proj=1):
     dbprop.functional.jacobian_penalty(model, x, output=output, estimator=estimator, num_projections=n_proj,
                                        chunk_size=chunk_size, backend=backend).backward()
+
+
+def under_autocast(fn, dtype=torch.bfloat16):
+    """``fn`` inside ``torch.autocast`` on the input's device (the penalty's policy: README, Mixed precision)."""
+    def step(model, x, y, output, C):
+        with torch.autocast(x.device.type, dtype=dtype):
+            fn(model, x, y, output, C)
+    return step
+
+
+_shadows: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def dbprop_jacobian_low_precision(model, x, y, output, C, dtype=torch.bfloat16):
+    """The alternative autocast policy, measured to choose between them: the passes computed in ``dtype`` (a
+    ``dtype`` copy of the model refreshed from the float32 parameters each step, float32 accumulation inside the
+    kernels), gradients cast back to float32."""
+    shadow = _shadows.get(model)
+    if shadow is None:
+        shadow = _shadows[model] = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), shadow.parameters()):
+            q.copy_(p)
+    for q in shadow.parameters():
+        q.grad = None
+    dbprop.functional.jacobian_penalty(shadow, x.to(dtype), output=output).backward()
+    for p, q in zip(model.parameters(), shadow.parameters()):
+        p.grad = q.grad.float() if p.grad is None else p.grad + q.grad.float()
 
 
 def autograd_output_gradient(model, x, y, output, C):

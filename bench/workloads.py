@@ -26,6 +26,10 @@ CONTENDERS = {
     "g_autograd_double_backprop": K.autograd_double_backprop,
     "g_dbprop_double_backprop": K.dbprop_double_backprop,
     "h_plain_step": K.plain_step,
+    # mixed precision (bench/autocast.py)
+    "a_autograd_sum_autocast_bf16": K.under_autocast(K.autograd_sum),
+    "f_dbprop_native_autocast_bf16": K.under_autocast(functools.partial(K.dbprop_jacobian, backend="native")),
+    "f_dbprop_native_bf16_compute": K.dbprop_jacobian_low_precision,
 }
 
 
