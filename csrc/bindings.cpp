@@ -54,7 +54,9 @@ py::dict build_info() {
 }
 
 // What every pass driver runs under: the GIL released, and the dispatcher below autograd (the passes are derivative
-// computations: nothing in them is recorded, and the element operators skip their Autograd kernel).
+// computations: nothing in them is recorded, and the element operators skip their Autograd kernel). So outputs carry
+// no graph and in-place updates inside bump no version counters: callers pass no tensor that autograd tracks as an
+// accumulator (the Python engine calls the drivers under no_grad with fresh accumulators).
 struct PassGuard {
   py::gil_scoped_release release;
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -11,7 +11,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
-#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace dbprop {
@@ -194,7 +194,9 @@ struct Kernels {
     check_float(xi, "xi");
     TORCH_CHECK(xi.dim() == 3 && xi.size(0) > 0 && xi.size(1) > 0, "xi must have shape (k, B, N), got ",
                 xi.sizes());
-    if (kind == kernels::kAlignment || kind == kernels::kRelevance || want_input_grad) {
+    TORCH_CHECK(x.defined() || !(kind == kernels::kAlignment || kind == kernels::kRelevance || want_input_grad),
+                "x is required by the '", head, "' head and for the input gradient (want_input_grad)");
+    if (x.defined()) {  // read whenever given
       check_float(x, "x");
       check_same(xi, x, "xi", "x");
       TORCH_CHECK(x.dim() == 2 && x.size(0) == xi.size(1) && x.size(1) == xi.size(2), "x must have shape (",
@@ -285,7 +287,7 @@ void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const auto& t : written) torch::autograd::increment_version(t);
+  for (const auto& t : written) torch::autograd::impl::bump_version(t);
 }
 
 // The typed handle of operator dbprop::<name> with the kernels' signature `Signature`.
@@ -326,6 +328,18 @@ TORCH_LIBRARY_IMPL(dbprop, Autograd, m) {
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(dbprop, CUDA, m) { register_kernels<CudaLaunchers>(m); }
+#else
+namespace {
+void built_without_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), ": dbprop._C was built without CUDA, but an argument is a CUDA tensor "
+              "(reinstall with a CUDA torch and toolkit: README, Install)");
+}
+}  // namespace
+TORCH_LIBRARY_IMPL(dbprop, CUDA, m) {
+#define DBPROP_NO_CUDA(op) m.impl(#op, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
+  DBPROP_ELEMENT_OPS(DBPROP_NO_CUDA)
+#undef DBPROP_NO_CUDA
+}
 #endif
 
 // The C++ entry points: through the dispatcher, which picks the device's kernel.

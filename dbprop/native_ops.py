@@ -8,9 +8,10 @@ dispatcher needs from Python and what Python callers use:
   and checked with ``torch.library.opcheck``;
 * thin typed wrappers, which turn the outputs not asked for (empty tensors in the schemas) into ``None``.
 
-The operators are the passes' derivative computations and are not differentiable themselves: with an input
-that requires grad they run, and backpropagating through an output raises (C++ registration). Call
-:func:`register_fakes` once after loading the extension (``dbprop.backends`` does).
+The operators are the passes' derivative computations and are not differentiable themselves: an argument that
+requires grad (grad mode on) is refused; under ``torch.no_grad()`` they run (C++ Autograd kernel, which also bumps
+the version of the tensors they write). Call :func:`register_fakes` once after loading the extension
+(``dbprop.backends`` does).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def register_fakes() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
     fake = torch.library.register_fake
 
     @fake("dbprop::forward_epilogue")
@@ -88,6 +88,8 @@ def register_fakes() -> None:
         return (torch.empty_like(q) if need_tangent else _none(q),
                 torch.empty_like(xhat) if want_source else _none(q),
                 xhat.new_empty(xhat.shape[1:2]) if want_mixed else _none(q))
+
+    _registered = True
 
 
 # ---- typed wrappers (documentation of each operator: csrc/ops.h) -------------------------------------------------

@@ -107,6 +107,22 @@ def test_in_place_operators_bump_the_version_counter():
     native_ops.softmax_eta_accumulate(probs, torch.randn(2, 4, 6, dtype=torch.float64),
                                       torch.randn(2, 4, 6, dtype=torch.float64), eta)
     assert eta._version > before and eta.abs().sum() > 0
+    value = torch.zeros(4, dtype=torch.float64)
+    before = value._version
+    native_ops.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "squared_norm", 1.0, 0.0,
+                            torch.ones(4, dtype=torch.float64), value, False, False)
+    assert value._version > before and value.abs().sum() > 0
+
+
+def test_penalty_head_checks_x_whenever_given():
+    """x is read whenever it is given (not only by the heads that need it): a wrong shape is refused."""
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        native_ops.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
+                                "squared_norm", 1.0, 0.0, torch.ones(4, dtype=torch.float64),
+                                torch.zeros(4, dtype=torch.float64), True, False)
+    with pytest.raises(RuntimeError, match="x is required by the 'alignment' head"):
+        native_ops.penalty_head(torch.randn(1, 4, 3, dtype=torch.float64), None, "alignment", 0.0, 0.0,
+                                torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), True, False)
 
 
 def test_wrong_device_or_dtype_names_the_argument():
