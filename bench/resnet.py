@@ -99,6 +99,10 @@ def build(spec):
     if spec["net"] == "resnet18":
         model = ResNet18(spec["C"], spec["width"])
         shape = (3, 32, 32)
+    elif spec["net"] in ("tv_resnet18", "tv_resnet50"):  # torchvision's layout (bench/tvmodels.py)
+        import tvmodels
+        model = getattr(tvmodels, spec["net"][3:])(spec["C"])
+        shape = (3, 32, 32)
     else:
         model = DCGANCritic(spec["width"])
         shape = (3, 64, 64)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-convolution_backward = torch.ops.aten.convolution_backward
+from .formulation import ConvGeometry, ConvProducts
+
 Grads = List[Optional[Tensor]]
 
 
@@ -307,16 +308,15 @@ class Linear(Affine):
 class Conv(Affine):
     """Convolution (1-d or 2-d, any stride, padding incl. 'same', dilation, groups; zero padding).
 
-    ``K`` is ``aten.convolution``; ``Kᵀ`` and ``K□`` are the input and weight outputs of
-    ``aten.convolution_backward`` selected by its output mask. Asymmetric 'same' padding is applied
-    explicitly (pad, then unpadded convolution; crop in ``Kᵀ``).
+    ``K``, ``Kᵀ`` and ``K□`` go through :class:`dbprop.formulation.ConvProducts`: per shape, the fastest of
+    ``aten.convolution`` / ``aten.convolution_backward`` (output mask selecting one gradient), a dense matrix
+    for small maps and channel GEMMs for 1×1 kernels (docs/maths.md §4.1).
     """
 
     def __init__(self, name, module):
         super().__init__(name, module)
         m = module
         self.dim = len(m.kernel_size)
-        self.stride, self.dilation, self.groups = list(m.stride), list(m.dilation), m.groups
         if isinstance(m.padding, str):
             if m.padding == "valid":
                 pads = [(0, 0)] * self.dim
@@ -324,47 +324,28 @@ class Conv(Affine):
                 pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(m.dilation, m.kernel_size)]
         else:
             pads = [(p, p) for p in m.padding]
-        if all(lo == hi for lo, hi in pads):
-            self.padding, self.explicit_pad = [lo for lo, _ in pads], None
-        else:  # F.pad order: last dim first
-            self.padding, self.explicit_pad = [0] * self.dim, [p for lo_hi in reversed(pads) for p in lo_hi]
+        self.products = ConvProducts(ConvGeometry(self.dim, tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation),
+                                                  m.groups, tuple(pads)))
 
     def forward(self, x, ctx):
         return self.module(x), (x if ctx.keep_inputs else None, x.shape)
 
-    def _pad(self, x: Tensor) -> Tensor:
-        return x if self.explicit_pad is None else F.pad(x, self.explicit_pad)
-
     def apply_K(self, x):
-        return torch.convolution(self._pad(x), self.weight, None, self.stride, self.padding, self.dilation, False,
-                                 [0] * self.dim, self.groups)
-
-    def _backward(self, c: Tensor, x: Tensor, mask: Sequence[bool]):
-        bias_sizes = [self.weight.shape[0]] if mask[2] else None
-        return convolution_backward(c, x, self.weight, bias_sizes, self.stride, self.padding, self.dilation, False,
-                                    [0] * self.dim, self.groups, list(mask))
+        return self.products.K(self.weight, x, x.shape)
 
     def transpose(self, c, saved, K):
-        shape = _rows(saved[1], c.shape[0])
-        pad = self.explicit_pad or [0] * (2 * self.dim)
-        for i in range(self.dim):  # F.pad order: (lo, hi) of the last dim first
-            shape[2 + i] += pad[2 * (self.dim - 1 - i)] + pad[2 * (self.dim - 1 - i) + 1]
-        gx = self._backward(c, c.new_empty(1).expand(shape), (True, False, False))[0]
-        if self.explicit_pad is not None:
-            for i in range(self.dim):
-                gx = gx.narrow(2 + i, pad[2 * (self.dim - 1 - i)], saved[1][2 + i])
-        return gx
+        return self.products.Kt(self.weight, c, saved[1])
 
     def weight_adjoint(self, x, c, need_bias):
-        _, dW, db = self._backward(c, self._pad(x), (False, True, need_bias))
-        return dW, (db if need_bias else None)
+        return self.products.Kbox(self.weight, x, c), (self.bias_gradient(c) if need_bias else None)
 
     def bias_gradient(self, c):
         return c.sum([0, *range(2, c.dim())])
 
     def descriptor(self):
-        pad = self.explicit_pad or []
-        return ("conv", [self.dim, *self.stride, *self.padding, *self.dilation, self.groups, int(bool(pad)), *pad], [])
+        g, aten = self.products.g, self.products.aten
+        pad = aten.explicit_pad or []
+        return ("conv", [self.dim, *g.stride, *aten.padding, *g.dilation, g.groups, int(bool(pad)), *pad], [])
 
 
 # --------------------------------------------------------------------------------------- batch norm

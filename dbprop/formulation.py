@@ -1,0 +1,326 @@
+"""Per-shape choice of how a convolution's three products are computed (docs/maths.md §4.1, "Formulations").
+
+A convolution node needs ``K(W, q)`` (BBP tangents), ``Kᵀ(W, ξ)`` (BP cotangents, FBP) and ``K□(x, ξ)``
+(mixed terms, weight gradients). Each is one linear map with several exact formulations whose speed depends on
+the shape: oneDNN / cuDNN's convolution kernels (``aten``) are a poor choice for small maps with many channels,
+where most kernel taps read padding. The formulations here:
+
+* ``aten``       ``aten.convolution`` and the input / weight outputs of ``aten.convolution_backward``;
+* ``dense``      small maps: the convolution as the dense matrix ``T(W)`` of shape ``(C_out·P_out, C_in·P_in)``
+                 (P: spatial positions), ``K = x T(W)ᵀ``, ``Kᵀ = ξ T(W)``, ``K□ = S(ξᵀ x)``: three GEMMs with no
+                 padding taps; ``S`` is the adjoint of ``W ↦ T(W)`` (a sum over the position pairs of each tap);
+* ``pointwise``  1×1 kernels without padding: channel GEMMs over the (strided) positions.
+
+Like ``torch.backends.cudnn.benchmark`` (and ``chunk_size=None``, dbprop/tuning.py), the first product of a
+(formulation key, product) times every applicable candidate on its real arguments and keeps the fastest; the
+result is exact whichever wins (formulations differ in rounding only). Under
+``torch.use_deterministic_algorithms(True)``, or after ``set_tuning(False)``, nothing is timed: ``aten`` runs.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+convolution_backward = torch.ops.aten.convolution_backward
+
+PRODUCTS = ("K", "Kt", "Kbox")  # K(W, q), Kᵀ(W, ξ), K□(x, ξ)
+#: ``dense`` is a candidate while its matrix has at most this many entries per kernel tap of ``W`` (so ``T(W)``
+#: costs at most a few times ``W`` to build and multiply): maps of 1×1 and 2×2 positions for 3×3 kernels
+DENSE_PAIRS_PER_TAP = 2
+#: timed runs per candidate (the first run of each is a warm-up: primitive creation, first-touch allocation)
+TIMED_RUNS = 1
+
+_tuning = True
+
+
+def set_tuning(enabled: bool) -> None:
+    """Switch the timing of formulations on (default) or off (then ``aten`` always runs)."""
+    global _tuning
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _tuning = enabled
+
+
+def tuning_enabled() -> bool:
+    return _tuning and not torch.are_deterministic_algorithms_enabled()
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's static shape: ``dim`` spatial dims, kernel, stride, dilation, groups, and the zero padding
+    of each spatial dim as ``(lo, hi)`` (asymmetric 'same' padding included)."""
+
+    dim: int
+    kernel: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    pads: Tuple[Tuple[int, int], ...]
+
+    @property
+    def symmetric(self) -> bool:
+        return all(lo == hi for lo, hi in self.pads)
+
+    def out_size(self, n: int, i: int) -> int:
+        lo, hi = self.pads[i]
+        return (n + lo + hi - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
+
+
+# ------------------------------------------------------------------------------------------------ aten
+class Aten:
+    """oneDNN / cuDNN through ATen. Asymmetric padding is applied explicitly (pad, then an unpadded
+    convolution; crop in ``Kᵀ``)."""
+
+    name = "aten"
+
+    def __init__(self, g: ConvGeometry) -> None:
+        self.g = g
+        if g.symmetric:
+            self.padding, self.explicit_pad = [lo for lo, _ in g.pads], None
+        else:  # F.pad order: last dim first
+            self.padding, self.explicit_pad = [0] * g.dim, [p for lo_hi in reversed(g.pads) for p in lo_hi]
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        return True
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return x if self.explicit_pad is None else F.pad(x, self.explicit_pad)
+
+    def _backward(self, c: Tensor, x: Tensor, w: Tensor, mask: Sequence[bool]):
+        g = self.g
+        bias_sizes = [w.shape[0]] if mask[2] else None
+        return convolution_backward(c, x, w, bias_sizes, list(g.stride), self.padding, list(g.dilation), False,
+                                    [0] * g.dim, g.groups, list(mask))
+
+    def K(self, w: Tensor, q: Tensor) -> Tensor:
+        g = self.g
+        return torch.convolution(self._pad(q), w, None, list(g.stride), self.padding, list(g.dilation), False,
+                                 [0] * g.dim, g.groups)
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        shape = [c.shape[0], *in_shape[1:]]
+        for i, (lo, hi) in enumerate(self.g.pads if self.explicit_pad is not None else ()):
+            shape[2 + i] += lo + hi
+        gx = self._backward(c, c.new_empty(1).expand(shape), w, (True, False, False))[0]
+        if self.explicit_pad is not None:
+            for i, (lo, _) in enumerate(self.g.pads):
+                gx = gx.narrow(2 + i, lo, in_shape[2 + i])
+        return gx
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        return self._backward(c, self._pad(x), w, (False, True, False))[1]
+
+
+# ----------------------------------------------------------------------------------------------- dense
+class Dense:
+    """The convolution as a dense matrix over each sample's positions: ``T(W)[(o, p), (i, r)] = W[o, i, t]`` where
+    input position ``r`` meets output position ``p`` at kernel tap ``t`` (else 0). ``T(W)`` is rebuilt when ``W``
+    changes (its version counter), so every product reads the live weight."""
+
+    name = "dense"
+
+    def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
+        self.g = g
+        self.c_out, self.c_in = w_shape[0], w_shape[1]
+        spatial = list(in_shape[2:])
+        self.out_spatial = [g.out_size(n, i) for i, n in enumerate(spatial)]
+        self.taps = math.prod(g.kernel)
+        self.tap = _tap_index(g, spatial, self.out_spatial)           # (P_out, P_in), ``taps`` where none
+        self.p_out, self.p_in = self.tap.shape
+        self._T: Optional[Tuple[int, int, torch.dtype, torch.device, Tensor]] = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        p_in = math.prod(in_shape[2:])
+        p_out = math.prod(g.out_size(n, i) for i, n in enumerate(in_shape[2:]))
+        return g.groups == 1 and p_out * p_in <= DENSE_PAIRS_PER_TAP * math.prod(g.kernel)
+
+    def matrix(self, w: Tensor) -> Tensor:
+        """``T(W)``, cached per weight version."""
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self._T
+        if cached is not None and cached[:4] == key:
+            return cached[4]
+        with self._lock:
+            tap = self.tap.to(w.device)
+            wf = torch.cat([w.detach().reshape(self.c_out, self.c_in, self.taps),
+                            w.new_zeros(self.c_out, self.c_in, 1)], 2)          # tap ``taps`` reads 0
+            T = wf[:, :, tap].permute(0, 2, 1, 3).reshape(self.c_out * self.p_out, self.c_in * self.p_in)
+            self._T = (*key, T)
+        return T
+
+    def K(self, w: Tensor, q: Tensor) -> Tensor:
+        return q.reshape(q.shape[0], -1).mm(self.matrix(w).t()).view(q.shape[0], self.c_out, *self.out_spatial)
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        return c.reshape(c.shape[0], -1).mm(self.matrix(w)).view(c.shape[0], *in_shape[1:])
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        G = c.reshape(c.shape[0], -1).t().mm(x.reshape(x.shape[0], -1))       # ξᵀ x over (o, p) × (i, r)
+        G = G.view(self.c_out, self.p_out, self.c_in, self.p_in).permute(0, 2, 1, 3)
+        S = self._adjoint(G.dtype, G.device)                                  # (P_out·P_in, taps)
+        return G.reshape(self.c_out * self.c_in, -1).mm(S).view(w.shape)
+
+    def _adjoint(self, dtype, device) -> Tensor:
+        return F.one_hot(self.tap.flatten().to(device), self.taps + 1)[:, :self.taps].to(dtype)
+
+
+def _tap_index(g: ConvGeometry, spatial: List[int], out_spatial: List[int]) -> Tensor:
+    """``(P_out, P_in)`` long tensor: the flat kernel tap joining output position ``p`` and input position ``r``,
+    ``prod(kernel)`` where they do not meet. Per dim, input ``r = p·s − lo + t·d`` for tap ``t``."""
+    per_dim = []
+    for i, (n_in, n_out) in enumerate(zip(spatial, out_spatial)):
+        p = torch.arange(n_out)[:, None, None]
+        t = torch.arange(g.kernel[i])[None, None, :]
+        r = torch.arange(n_in)[None, :, None]
+        hit = p * g.stride[i] - g.pads[i][0] + t * g.dilation[i] == r                    # (n_out, n_in, k)
+        per_dim.append((hit.any(2), (hit * t).sum(2)))                                 # its tap where hit
+    valid, tap = per_dim[0]
+    if len(per_dim) == 2:  # row-major: flat tap t_h·k_w + t_w, flat positions likewise
+        (v_w, t_w), k_w = per_dim[1], g.kernel[1]
+        valid = (valid[:, None, :, None] & v_w[None, :, None, :]).flatten(0, 1).flatten(1, 2)
+        tap = (tap[:, None, :, None] * k_w + t_w[None, :, None, :]).flatten(0, 1).flatten(1, 2)
+    return torch.where(valid, tap, torch.full_like(tap, math.prod(g.kernel)))
+
+
+# ------------------------------------------------------------------------------------------- pointwise
+class Pointwise:
+    """1×1 kernels without padding: ``K = W x_s`` over the positions ``x_s`` that the stride reads, ``Kᵀ`` scatters
+    ``Wᵀ ξ`` back to them (zeros elsewhere), ``K□ = Σ ξ x_sᵀ``."""
+
+    name = "pointwise"
+
+    def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
+        self.g = g
+        self.out_spatial = [g.out_size(n, i) for i, n in enumerate(in_shape[2:])]
+        self.strided = any(s != 1 for s in g.stride)
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        return g.groups == 1 and all(k == 1 for k in g.kernel) and all(p == (0, 0) for p in g.pads)
+
+    def _read(self, x: Tensor) -> Tensor:
+        if not self.strided:
+            return x
+        index = (slice(None), slice(None)) + tuple(slice(0, n * s, s) for n, s in zip(self.out_spatial, self.g.stride))
+        return x[index]
+
+    def K(self, w: Tensor, q: Tensor) -> Tensor:
+        qs = self._read(q)
+        return w.reshape(w.shape[0], -1).matmul(qs.reshape(*qs.shape[:2], -1)).view(q.shape[0], w.shape[0],
+                                                                                     *self.out_spatial)
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        g = w.reshape(w.shape[0], -1).t().matmul(c.reshape(*c.shape[:2], -1)).view(c.shape[0], -1, *self.out_spatial)
+        if not self.strided:
+            return g
+        out = g.new_zeros(c.shape[0], *in_shape[1:])
+        out[(slice(None), slice(None)) + tuple(slice(0, n * s, s) for n, s in zip(self.out_spatial, self.g.stride))] = g
+        return out
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        xs = self._read(x)
+        c2 = c.transpose(0, 1).reshape(c.shape[1], -1)
+        x2 = xs.transpose(0, 1).reshape(xs.shape[1], -1)
+        return c2.mm(x2.t()).view(w.shape)
+
+
+FORMULATIONS = (Aten, Dense, Pointwise)
+_forced: Optional[str] = None
+
+
+class force:
+    """``with dbprop.formulation.force("dense"):`` every convolution product uses that formulation where it
+    applies (``aten`` elsewhere), untimed: for tests and benchmarks."""
+
+    def __init__(self, name: Optional[str]) -> None:
+        if name is not None and name not in {f.name for f in FORMULATIONS}:
+            raise ValueError(f"unknown formulation {name!r}; expected one of {[f.name for f in FORMULATIONS]}")
+        self.name = name
+
+    def __enter__(self) -> None:
+        global _forced
+        self._saved, _forced = _forced, self.name
+
+    def __exit__(self, *exc) -> None:
+        global _forced
+        _forced = self._saved
+
+
+class ConvProducts:
+    """The three products of one convolution node, each through the formulation chosen for its shape.
+
+    Choices are kept per (product, input shape without the batch, rows, dtype, device); ``chosen()`` lists them."""
+
+    def __init__(self, g: ConvGeometry) -> None:
+        self.g = g
+        self.aten = Aten(g)
+        self._impls: Dict[Hashable, object] = {}          # (class, per-sample in_shape, w_shape) -> instance
+        self._choice: Dict[Hashable, str] = {}
+
+    def _impl(self, cls, in_shape: Sequence[int], w_shape: Sequence[int]):
+        if cls is Aten:
+            return self.aten
+        key = (cls, tuple(in_shape[1:]), tuple(w_shape))
+        impl = self._impls.get(key)
+        if impl is None:
+            impl = self._impls.setdefault(key, cls(self.g, in_shape, w_shape))
+        return impl
+
+    def _candidates(self, in_shape: Sequence[int], w: Tensor):
+        return [self._impl(cls, in_shape, w.shape) for cls in FORMULATIONS if cls.applies(self.g, in_shape)]
+
+    def _run(self, product: str, in_shape: Sequence[int], w: Tensor, rows: int, dtype, device,
+             call: Callable[[object], Tensor]) -> Tensor:
+        if _forced is not None:
+            impls = [i for i in self._candidates(in_shape, w) if i.name == _forced]
+            return call(impls[0] if impls else self.aten)
+        if not tuning_enabled():
+            return call(self.aten)
+        key = (product, tuple(in_shape[1:]), rows, dtype, str(device))
+        name = self._choice.get(key)
+        candidates = self._candidates(in_shape, w)
+        if name is not None or len(candidates) == 1:
+            return call(next((i for i in candidates if i.name == name), self.aten))
+        best, out = _fastest(candidates, call, device)
+        self._choice[key] = best
+        return out
+
+    def K(self, w: Tensor, q: Tensor, in_shape: Sequence[int]) -> Tensor:
+        return self._run("K", in_shape, w, q.shape[0], q.dtype, q.device, lambda f: f.K(w, q))
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        return self._run("Kt", in_shape, w, c.shape[0], c.dtype, c.device, lambda f: f.Kt(w, c, in_shape))
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        return self._run("Kbox", x.shape, w, c.shape[0], c.dtype, c.device, lambda f: f.Kbox(w, x, c))
+
+    def chosen(self) -> Dict[Hashable, str]:
+        """Every (product, per-sample input shape, rows, dtype, device) timed so far and the formulation kept."""
+        return dict(self._choice)
+
+
+def _fastest(candidates, call, device) -> Tuple[str, Tensor]:
+    """Time each candidate (after a warm-up run) on the real arguments; the fastest's name and its result."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best, best_t, out = None, math.inf, None
+    for impl in candidates:
+        r = call(impl)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(TIMED_RUNS):
+            r = call(impl)
+        sync()
+        t = time.perf_counter() - t0
+        if t < best_t:
+            best, best_t, out = impl.name, t, r
+    return best, out
