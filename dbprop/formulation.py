@@ -12,9 +12,12 @@ where most kernel taps read padding. The formulations here:
 * ``pointwise``  1×1 kernels without padding: channel GEMMs over the (strided) positions.
 
 Like ``torch.backends.cudnn.benchmark`` (and ``chunk_size=None``, dbprop/tuning.py), the first product of a
-(formulation key, product) times every applicable candidate on its real arguments and keeps the fastest; the
-result is exact whichever wins (formulations differ in rounding only). Under
-``torch.use_deterministic_algorithms(True)``, or after ``set_tuning(False)``, nothing is timed: ``aten`` runs.
+shape (product, geometry, per-sample input shape, weight shape, rows, dtype, device) in the process times every
+applicable candidate on its real arguments and keeps the fastest (``aten`` unless another is clearly faster,
+``MARGIN``); every later product of that shape, in any program, uses the same formulation. The result is exact
+whichever wins; formulations differ in rounding only, so within a process a shape always rounds the same way,
+while two processes may time a near-tie differently. Under ``torch.use_deterministic_algorithms(True)``, or after
+``set_tuning(False)``, nothing is timed: ``aten`` runs.
 """
 from __future__ import annotations
 
@@ -34,8 +37,11 @@ PRODUCTS = ("K", "Kt", "Kbox")  # K(W, q), Kᵀ(W, ξ), K□(x, ξ)
 #: ``dense`` is a candidate while its matrix has at most this many entries per kernel tap of ``W`` (so ``T(W)``
 #: costs at most a few times ``W`` to build and multiply): maps of 1×1 and 2×2 positions for 3×3 kernels
 DENSE_PAIRS_PER_TAP = 2
-#: timed runs per candidate (the first run of each is a warm-up: primitive creation, first-touch allocation)
-TIMED_RUNS = 1
+#: timed runs per candidate, the least time counts (after a warm-up run: primitive creation, first touch)
+TIMED_RUNS = 2
+#: another formulation replaces ``aten`` only when it takes at most this fraction of ``aten``'s time, so that
+#: near-ties keep the reference and the choice is stable from run to run
+MARGIN = 0.9
 
 _tuning = True
 
@@ -265,7 +271,7 @@ class ConvProducts:
         self.g = g
         self.aten = Aten(g)
         self._impls: Dict[Hashable, object] = {}          # (class, per-sample in_shape, w_shape) -> instance
-        self._choice: Dict[Hashable, str] = {}
+        self._used: Dict[Hashable, Hashable] = {}         # this node's keys -> keys of the process-wide choices
 
     def _impl(self, cls, in_shape: Sequence[int], w_shape: Sequence[int]):
         if cls is Aten:
@@ -286,13 +292,17 @@ class ConvProducts:
             return call(impls[0] if impls else self.aten)
         if not tuning_enabled():
             return call(self.aten)
-        key = (product, tuple(in_shape[1:]), rows, dtype, str(device))
-        name = self._choice.get(key)
         candidates = self._candidates(in_shape, w)
-        if name is not None or len(candidates) == 1:
-            return call(next((i for i in candidates if i.name == name), self.aten))
-        best, out = _fastest(candidates, call, device)
-        self._choice[key] = best
+        if len(candidates) == 1:
+            return call(self.aten)
+        key = (product, tuple(in_shape[1:]), rows, dtype, str(device))
+        shape_key = (self.g, tuple(w.shape), *key)
+        self._used[key] = shape_key
+        name = _choices.get(shape_key)
+        if name is not None:
+            return call(next(i for i in candidates if i.name == name))
+        name, out = _fastest(candidates, call, device)
+        _choices.setdefault(shape_key, name)
         return out
 
     def K(self, w: Tensor, q: Tensor, in_shape: Sequence[int]) -> Tensor:
@@ -305,22 +315,32 @@ class ConvProducts:
         return self._run("Kbox", x.shape, w, c.shape[0], c.dtype, c.device, lambda f: f.Kbox(w, x, c))
 
     def chosen(self) -> Dict[Hashable, str]:
-        """Every (product, per-sample input shape, rows, dtype, device) timed so far and the formulation kept."""
-        return dict(self._choice)
+        """The formulation of every (product, per-sample input shape, rows, dtype, device) this node ran with a
+        choice to make (timed here or by an earlier node of the same shape)."""
+        return {key: _choices[shape_key] for key, shape_key in self._used.items() if shape_key in _choices}
+
+
+#: the process-wide choices: (geometry, weight shape, product, per-sample input shape, rows, dtype, device) -> name
+_choices: Dict[Hashable, str] = {}
 
 
 def _fastest(candidates, call, device) -> Tuple[str, Tensor]:
-    """Time each candidate (after a warm-up run) on the real arguments; the fastest's name and its result."""
+    """Time each candidate on the real arguments (least of ``TIMED_RUNS`` after a warm-up run); the chosen
+    formulation's name (``MARGIN`` favours ``aten``, ``candidates[0]``) and its result."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    best, best_t, out = None, math.inf, None
+    seconds, results = [], []
     for impl in candidates:
         r = call(impl)
-        sync()
-        t0 = time.perf_counter()
+        best = math.inf
         for _ in range(TIMED_RUNS):
+            sync()
+            t0 = time.perf_counter()
             r = call(impl)
-        sync()
-        t = time.perf_counter() - t0
-        if t < best_t:
-            best, best_t, out = impl.name, t, r
-    return best, out
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        seconds.append(best)
+        results.append(r)
+    i = min(range(len(candidates)), key=seconds.__getitem__)
+    if seconds[i] > MARGIN * seconds[0]:
+        i = 0
+    return candidates[i].name, results[i]
