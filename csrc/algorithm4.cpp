@@ -22,9 +22,8 @@ double elapsed(std::chrono::steady_clock::time_point t0, const at::Device& devic
 
 }  // namespace
 
-JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax,
-                                const std::vector<int64_t>& chunks, int64_t budget_max, int64_t budget_base,
-                                bool time_chunks,
+JacobianResult jacobian_penalty(const Program& p, const ForwardState& s, const at::Tensor& x, bool softmax,
+                                const std::vector<int64_t>& chunks, int64_t cap, bool time_chunks,
                                 const at::Tensor& directions, double scale, const at::Tensor& sample_weight,
                                 const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
                                 bool need_input_grad) {
@@ -37,8 +36,13 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   const bool need_any = want_params || need_input_grad;
   const bool fbp = need_any && softmax;  // η ≡ 0 for logits: no forward-backward pass at all
 
-  auto s = forward(p, x, fbp && want_params);
-  const at::Tensor& o = s->output;
+  TORCH_CHECK(cap >= 1, "jacobian_penalty: the chunk cap must be >= 1, got ", cap);
+  TORCH_CHECK(!(fbp && want_params) || s.inputs[p.first_affine].defined(),
+              "jacobian_penalty: the forward state must keep the inputs of the affine ops (softmax output with "
+              "parameter gradients)");
+  const at::Tensor& o = s.output;
+  TORCH_CHECK(x.size(0) == o.size(0), "jacobian_penalty: x has ", x.size(0), " samples, the forward state ",
+              o.size(0));
   TORCH_CHECK(o.dim() == 2, "the model output must have shape (batch, classes), got ", o.sizes());
   const int64_t B = o.size(0), C = o.size(1);
   const auto acc = at::toOpMathType(o.scalar_type());
@@ -54,12 +58,6 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
   const at::Tensor eye = directions.defined() ? at::Tensor() : at::eye(C, o.options());
   const int64_t n = directions.defined() ? directions.size(0) : C;
 
-  int64_t cap = n;  // the memory budget of dbprop/engine.py chunk_cap: min(max, base + forward state bytes)
-  if (budget_max > 0) {
-    const int64_t state = B * s->numel_per_sample * o.element_size();
-    const int64_t per_direction = std::max<int64_t>(1, 2 * state);
-    cap = std::max<int64_t>(1, std::min<int64_t>(n, std::min(budget_max, budget_base + state) / per_direction));
-  }
 
   JacobianResult r;
   r.value = at::zeros({B}, o.options().dtype(acc));
@@ -73,17 +71,17 @@ JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool soft
     at::Tensor v = directions.defined() ? directions.narrow(0, start, k).contiguous()
                                         : eye.narrow(0, start, k).unsqueeze(1).expand({k, B, C}).contiguous();
     at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
-    auto [xi, zetas] = backward(p, *s, zeta_L.reshape({k * B, C}), want_params);
+    auto [xi, zetas] = backward(p, s, zeta_L.reshape({k * B, C}), want_params);
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
     at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), "squared_norm", scale, 0.0, sample_weight,
                                              r.value, need_any, false));
     if (want_params || fbp) {  // else nothing downstream of q_0 is wanted
-      at::Tensor h = backward_backward(p, *s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
+      at::Tensor h = backward_backward(p, s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);
       if (softmax) softmax_eta_accumulate(probs, v, h.contiguous().view({k, B, C}), eta);  // η̂_L += Σ_i η_L^(i)
     }
     if (time_chunks) r.chunk_seconds.push_back(elapsed(t0, o.device()));
   }
-  if (fbp) r.grad_x = forward_backward(p, *s, eta.to(o.scalar_type()), r.grad_w, r.grad_b, want_weight, want_bias,
+  if (fbp) r.grad_x = forward_backward(p, s, eta.to(o.scalar_type()), r.grad_w, r.grad_b, want_weight, want_bias,
                                        need_input_grad);
   for (size_t j = 0; j < L; ++j) {  // wanted but never reached: exactly zero (bias gradients of logits)
     if (want_weight[j] && !r.grad_w[j].defined()) r.grad_w[j] = at::zeros_like(p.weights[j]);

@@ -14,12 +14,11 @@ struct JacobianResult {
   std::vector<double> chunk_seconds;  // their wall seconds (device synchronised), if asked
 };
 
-// `chunks`: directions per batched pass in order, the last size repeated until all n are done
-// (dbprop/tuning.py chooses them), none larger than fits the budget min(budget_max, budget_base + bytes of
-// the forward state) (budget_max = 0: no limit; dbprop/engine.py chunk_cap); `time_chunks`: measure each pass.
-JacobianResult jacobian_penalty(const Program& p, const at::Tensor& x, bool softmax,
-                                const std::vector<int64_t>& chunks, int64_t budget_max, int64_t budget_base,
-                                bool time_chunks,
+// `s`: the forward pass of `x` (kept inputs: softmax and parameter gradients wanted). `chunks`: directions per
+// batched pass in order, the last size repeated until all n are done (dbprop/tuning.py chooses them), none
+// larger than `cap` (dbprop/engine.py chunk_cap, the one memory budget); `time_chunks`: measure each pass.
+JacobianResult jacobian_penalty(const Program& p, const ForwardState& s, const at::Tensor& x, bool softmax,
+                                const std::vector<int64_t>& chunks, int64_t cap, bool time_chunks,
                                 const at::Tensor& directions, double scale, const at::Tensor& sample_weight,
                                 const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
                                 bool need_input_grad);

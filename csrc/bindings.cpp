@@ -1,4 +1,4 @@
-// dbprop._C: the one pybind11 binding unit, kept thin: the stage program (descriptors and live parameter tensors),
+// dbprop._C: the one pybind11 binding unit, kept thin: the chain program (descriptors and live parameter tensors),
 // the four pass drivers and Algorithm 4 over it, the host workspace, build facts. Loading it registers the element
 // kernels' operators (csrc/ops.cpp). Import torch before this module.
 #include <torch/extension.h>
@@ -99,12 +99,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     at::Tensor gamma0 = dbprop::forward_backward(p, s, eta_L, gw, gb, want_weight, want_bias, need_input_grad);
     return std::make_tuple(opt(gamma0), to_optional(gw), to_optional(gb));
   }, py::call_guard<PassGuard>());
-  m.def("jacobian_penalty", [](const Program& p, const at::Tensor& x, bool softmax, const std::vector<int64_t>& chunks,
-                               int64_t budget_max, int64_t budget_base, bool time_chunks,
+  m.def("jacobian_penalty", [](const Program& p, const ForwardState& s, const at::Tensor& x, bool softmax,
+                               const std::vector<int64_t>& chunks, int64_t cap, bool time_chunks,
                                const OptTensor& directions, double scale,
                                const at::Tensor& sample_weight, const std::vector<bool>& want_weight,
                                const std::vector<bool>& want_bias, bool need_input_grad) {
-    auto r = dbprop::jacobian_penalty(p, x, softmax, chunks, budget_max, budget_base, time_chunks,
+    auto r = dbprop::jacobian_penalty(p, s, x, softmax, chunks, cap, time_chunks,
                                       directions.value_or(at::Tensor()), scale,
                                       sample_weight, want_weight, want_bias, need_input_grad);
     return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x), r.chunk_sizes,
@@ -130,7 +130,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   // the element kernels are dispatcher operators (csrc/ops.cpp, torch.ops.dbprop.*); what remains here is the
-  // stage program with its pass drivers, the workspace, and the tables' names
+  // chain program with its pass drivers, the workspace, and the tables' names
   m.def("activation_names", &dbprop::activation_names, "Names of the smooth activations, in table order.");
   m.def("penalty_head_names", &dbprop::penalty_head_names, "Names of the penalty heads, in table order.");
+  m.def("penalty_heads", &dbprop::penalty_heads, "The penalty head table: (name, reads x) per head.");
+  m.def("chain_kinds", &dbprop::chain_kinds, "Names of the native chain driver's node kinds, in table order.");
 }

@@ -194,7 +194,7 @@ struct Kernels {
     check_float(xi, "xi");
     TORCH_CHECK(xi.dim() == 3 && xi.size(0) > 0 && xi.size(1) > 0, "xi must have shape (k, B, N), got ",
                 xi.sizes());
-    TORCH_CHECK(x.defined() || !(kind == kernels::kAlignment || kind == kernels::kRelevance || want_input_grad),
+    TORCH_CHECK(x.defined() || !(kernels::head_reads_x(kind) || want_input_grad),
                 "x is required by the '", head, "' head and for the input gradient (want_input_grad)");
     if (x.defined()) {  // read whenever given
       check_float(x, "x");
@@ -415,20 +415,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Ten
 #undef DBPROP_TYPED_OP
 
 int64_t head_kind(const std::string& name) {
-#define DBPROP_HEAD_CASE(id, str) \
+#define DBPROP_HEAD_CASE(id, str, reads_x) \
   if (name == str) return kernels::id;
   DBPROP_PENALTY_HEADS(DBPROP_HEAD_CASE)
 #undef DBPROP_HEAD_CASE
-#define DBPROP_HEAD_NAME(id, str) str " "
+#define DBPROP_HEAD_NAME(id, str, reads_x) str " "
   TORCH_CHECK(false, "unknown penalty head '", name, "'; known: " DBPROP_PENALTY_HEADS(DBPROP_HEAD_NAME));
 #undef DBPROP_HEAD_NAME
   return -1;
 }
 
 std::vector<std::string> penalty_head_names() {
-#define DBPROP_HEAD_NAME(id, str) str,
+#define DBPROP_HEAD_NAME(id, str, reads_x) str,
   return {DBPROP_PENALTY_HEADS(DBPROP_HEAD_NAME)};
 #undef DBPROP_HEAD_NAME
+}
+
+std::vector<std::tuple<std::string, bool>> penalty_heads() {
+#define DBPROP_HEAD_ROW(id, str, reads_x) {str, reads_x},
+  return {DBPROP_PENALTY_HEADS(DBPROP_HEAD_ROW)};
+#undef DBPROP_HEAD_ROW
 }
 
 int64_t activation_kind(const std::string& name) {

@@ -59,6 +59,8 @@ std::tuple<at::Tensor, at::Tensor> penalty_head(const at::Tensor& xi, const at::
 // and all names in table order.
 int64_t head_kind(const std::string& name);
 std::vector<std::string> penalty_head_names();
+// The head table's rows: (name, reads x).
+std::vector<std::tuple<std::string, bool>> penalty_heads();
 
 // Smooth activations (csrc/kernels/activations.h): the kind number of a name (TORCH_CHECK on unknown names)
 // and all names in table order (kind i is activation_names()[i]).

@@ -1,4 +1,4 @@
-// The four passes over a stage program (docs/maths.md §2.2), each one native call over all ops.
+// The four passes over a chain program (docs/maths.md §2.2), each one native call over all ops.
 // Mirrors dbprop/passes.py and dbprop/nodes.py (the readable reference) node for node on chains.
 #include "program.h"
 
@@ -6,14 +6,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <numeric>
 
 namespace dbprop {
 namespace {
-
-std::vector<int64_t> slice(const std::vector<int64_t>& v, size_t start, size_t n) {
-  return std::vector<int64_t>(v.begin() + start, v.begin() + start + n);
-}
 
 int64_t prod(at::IntArrayRef v, size_t from) {
   int64_t p = 1;
@@ -21,30 +18,13 @@ int64_t prod(at::IntArrayRef v, size_t from) {
   return p;
 }
 
-// ---- convolution: ints = [dim, stride(dim), padding(dim), dilation(dim), groups, explicit, pad(2·dim)?]
-struct ConvArgs {
-  int64_t dim, groups;
-  std::vector<int64_t> stride, padding, dilation, pad;  // pad: F.pad order (last dim first), may be empty
-  explicit ConvArgs(const Op& op) {
-    const auto& v = op.ints;
-    dim = v[0];
-    stride = slice(v, 1, dim);
-    padding = slice(v, 1 + dim, dim);
-    dilation = slice(v, 1 + 2 * dim, dim);
-    groups = v[1 + 3 * dim];
-    if (v[2 + 3 * dim]) pad = slice(v, 3 + 3 * dim, 2 * dim);
-  }
-  std::vector<int64_t> zeros() const { return std::vector<int64_t>(dim, 0); }
-  at::Tensor padded(const at::Tensor& x) const { return pad.empty() ? x : at::constant_pad_nd(x, pad, 0); }
-};
-
 at::Tensor conv(const Op& op, const at::Tensor& w, const at::Tensor& x) {
-  ConvArgs a(op);
+  const auto& a = op.get<ConvArgs>();
   return at::convolution(a.padded(x), w, {}, a.stride, a.padding, a.dilation, false, a.zeros(), a.groups);
 }
 
 at::Tensor conv_transpose(const Op& op, const at::Tensor& w, const at::Tensor& c, std::vector<int64_t> in_shape) {
-  ConvArgs a(op);
+  const auto& a = op.get<ConvArgs>();
   in_shape[0] = c.size(0);
   if (!a.pad.empty())
     for (int64_t i = 0; i < a.dim; ++i) in_shape[2 + i] += a.pad[2 * (a.dim - 1 - i)] + a.pad[2 * (a.dim - 1 - i) + 1];
@@ -74,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> weight_adjoint(const Op& op, const at::Tensor
     at::Tensor dw = c.reshape({-1, c.size(-1)}).t().mm(x.reshape({-1, x.size(-1)}));
     return {dw, need_bias ? bias_gradient(op, c) : at::Tensor()};
   }
-  ConvArgs a(op);
+  const auto& a = op.get<ConvArgs>();
   c10::optional<at::IntArrayRef> bias_sizes;
   std::vector<int64_t> bs{w.size(0)};
   if (need_bias) bias_sizes = bs;
@@ -89,23 +69,22 @@ std::pair<int64_t, int64_t> channel_layout(const Op& op, const at::Tensor& z) {
   return {z.size(1), prod(z.sizes(), 2)};
 }
 
-// ---- pools as 2-d (1-d pools get a height of 1); maxpool ints = [one_d, k(2), s(2), p(2), d(2), ceil]
-at::Tensor as2d(const Op& op, const at::Tensor& t) { return op.ints[0] ? t.unsqueeze(2) : t; }
-at::Tensor from2d(const Op& op, const at::Tensor& t) { return op.ints[0] ? t.squeeze(2) : t; }
+// ---- pools as 2-d (1-d pools get a height of 1)
+at::Tensor as2d(bool one_d, const at::Tensor& t) { return one_d ? t.unsqueeze(2) : t; }
+at::Tensor from2d(bool one_d, const at::Tensor& t) { return one_d ? t.squeeze(2) : t; }
 
 at::Tensor avg_pool(const Op& op, const at::Tensor& q) {
-  const auto& v = op.ints;  // [one_d, k(2), s(2), p(2), ceil, count_include_pad, has_divisor, divisor]
-  c10::optional<int64_t> divisor = v[9] ? c10::optional<int64_t>(v[10]) : c10::nullopt;
-  return from2d(op, at::avg_pool2d(as2d(op, q), slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2), v[7], v[8], divisor));
+  const auto& a = op.get<AvgPoolArgs>();
+  return from2d(a.one_d, at::avg_pool2d(as2d(a.one_d, q), a.kernel, a.stride, a.padding, a.ceil_mode,
+                                        a.count_include_pad, a.divisor));
 }
 
 at::Tensor avg_pool_transpose(const Op& op, const at::Tensor& c, std::vector<int64_t> in_shape) {
-  const auto& v = op.ints;
-  c10::optional<int64_t> divisor = v[9] ? c10::optional<int64_t>(v[10]) : c10::nullopt;
+  const auto& a = op.get<AvgPoolArgs>();
   in_shape[0] = c.size(0);
-  at::Tensor shape_only = as2d(op, at::empty({1}, c.options()).expand(in_shape));
-  return from2d(op, at::avg_pool2d_backward(as2d(op, c), shape_only, slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2),
-                                            v[7], v[8], divisor));
+  at::Tensor shape_only = as2d(a.one_d, at::empty({1}, c.options()).expand(in_shape));
+  return from2d(a.one_d, at::avg_pool2d_backward(as2d(a.one_d, c), shape_only, a.kernel, a.stride, a.padding,
+                                                 a.ceil_mode, a.count_include_pad, a.divisor));
 }
 
 // rows of c (k·B) viewed as (k, B, ...) against per-sample state t (B, ...).
@@ -137,7 +116,7 @@ at::Tensor dropout_multiply(const at::Tensor& c, const at::Tensor& mask) {
   return (per_sample(c, mask) * mask).reshape(c.sizes());
 }
 
-double slope_of(const Op& op) { return op.floats.empty() ? 0.0 : op.floats[0]; }
+double slope_of(const Op& op) { return op.get<ActivationArgs>().slope; }
 
 // The linear part of op i applied to a tangent (K q, R q, a ⊙ q).
 at::Tensor apply_linear(const Program& p, const ForwardState& s, size_t i, const at::Tensor& q) {
@@ -148,7 +127,7 @@ at::Tensor apply_linear(const Program& p, const ForwardState& s, size_t i, const
     case OpKind::Activation: return mask_multiply(q.contiguous(), s.bits[i], s.mask_numel[i], slope_of(op));
     case OpKind::MaxPool: return maxpool_gather(q, s.aux[i], s.out_shapes[i]);
     case OpKind::AvgPool: return avg_pool(op, q);
-    case OpKind::Flatten: return q.flatten(op.ints[0], op.ints[1]);
+    case OpKind::Flatten: return q.flatten(op.get<FlattenArgs>().start_dim, op.get<FlattenArgs>().end_dim);
     case OpKind::Dropout: return dropout_multiply(q, s.aux[i]);
     case OpKind::Identity: return q;
   }
@@ -177,15 +156,120 @@ at::Tensor apply_transpose(const Program& p, const ForwardState& s, size_t i, co
 
 }  // namespace
 
-OpKind op_kind(const std::string& name) {
-#define DBPROP_MATCH(e, str) \
-  if (name == str) return OpKind::e;
+// ---- descriptors: named fields read into each kind's struct (program.h)
+const std::vector<double>& FieldReader::get(const std::string& name) {
+  auto it = fields_.find(name);
+  TORCH_CHECK(it != fields_.end(), "op ", index_, " (", kind_, "): descriptor lacks the field '", name, "'");
+  read_.push_back(name);
+  return it->second;
+}
+
+std::vector<int64_t> FieldReader::ints(const std::string& name, int64_t length) {
+  const auto& v = get(name);
+  TORCH_CHECK(length < 0 || static_cast<int64_t>(v.size()) == length, "op ", index_, " (", kind_, "): field '", name,
+              "' needs ", length, " values, got ", v.size());
+  std::vector<int64_t> out;
+  for (double d : v) {
+    TORCH_CHECK(d == static_cast<double>(static_cast<int64_t>(d)), "op ", index_, " (", kind_, "): field '", name,
+                "' must hold integers, got ", d);
+    out.push_back(static_cast<int64_t>(d));
+  }
+  return out;
+}
+
+bool FieldReader::flag(const std::string& name) {
+  const int64_t v = integer(name);
+  TORCH_CHECK(v == 0 || v == 1, "op ", index_, " (", kind_, "): field '", name, "' must be 0 or 1, got ", v);
+  return v == 1;
+}
+
+double FieldReader::real(const std::string& name) {
+  const auto& v = get(name);
+  TORCH_CHECK(v.size() == 1, "op ", index_, " (", kind_, "): field '", name, "' needs 1 value, got ", v.size());
+  return v[0];
+}
+
+void FieldReader::done() const {
+  for (const auto& [name, value] : fields_)
+    TORCH_CHECK(std::find(read_.begin(), read_.end(), name) != read_.end(), "op ", index_, " (", kind_,
+                "): unknown descriptor field '", name, "'");
+}
+
+namespace {
+void check_positive(const std::vector<int64_t>& v, const char* what) {
+  for (int64_t e : v) TORCH_CHECK(e >= 1, what, " values must be >= 1, got ", e);
+}
+void check_nonnegative(const std::vector<int64_t>& v, const char* what) {
+  for (int64_t e : v) TORCH_CHECK(e >= 0, what, " values must be >= 0, got ", e);
+}
+}  // namespace
+
+ConvArgs::ConvArgs(FieldReader& f) : stride(f.ints("stride")) {
+  dim = static_cast<int64_t>(stride.size());
+  TORCH_CHECK(dim == 1 || dim == 2, "conv: 1 or 2 spatial dims, got ", dim);
+  padding = f.ints("padding", dim);
+  dilation = f.ints("dilation", dim);
+  groups = f.integer("groups");
+  pad = f.ints("pad");
+  TORCH_CHECK(pad.empty() || static_cast<int64_t>(pad.size()) == 2 * dim, "conv: 'pad' needs 0 or ", 2 * dim,
+              " values, got ", pad.size());
+  check_positive(stride, "conv stride");
+  check_positive(dilation, "conv dilation");
+  check_nonnegative(padding, "conv padding");
+  check_nonnegative(pad, "conv pad");
+  TORCH_CHECK(groups >= 1, "conv: groups must be >= 1, got ", groups);
+}
+
+MaxPoolArgs::MaxPoolArgs(FieldReader& f)
+    : one_d(f.flag("one_d")), ceil_mode(f.flag("ceil_mode")), kernel(f.ints("kernel", 2)), stride(f.ints("stride", 2)),
+      padding(f.ints("padding", 2)), dilation(f.ints("dilation", 2)) {
+  check_positive(kernel, "maxpool kernel");
+  check_positive(stride, "maxpool stride");
+  check_positive(dilation, "maxpool dilation");
+  check_nonnegative(padding, "maxpool padding");
+}
+
+AvgPoolArgs::AvgPoolArgs(FieldReader& f)
+    : one_d(f.flag("one_d")), ceil_mode(f.flag("ceil_mode")), count_include_pad(f.flag("count_include_pad")),
+      kernel(f.ints("kernel", 2)), stride(f.ints("stride", 2)), padding(f.ints("padding", 2)) {
+  const auto d = f.ints("divisor");
+  TORCH_CHECK(d.size() <= 1, "avgpool: 'divisor' needs 0 or 1 values, got ", d.size());
+  if (!d.empty()) {
+    TORCH_CHECK(d[0] != 0, "avgpool: divisor must be non-zero");
+    divisor = d[0];
+  }
+  check_positive(kernel, "avgpool kernel");
+  check_positive(stride, "avgpool stride");
+  check_nonnegative(padding, "avgpool padding");
+}
+
+DropoutArgs::DropoutArgs(FieldReader& f) : p(f.real("p")) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout: p must be in [0, 1], got ", p);
+}
+
+std::vector<std::string> chain_kinds() {
+#define DBPROP_NAME(e, str, Args) str,
+  return {DBPROP_CHAIN_KINDS(DBPROP_NAME)};
+#undef DBPROP_NAME
+}
+
+namespace {
+Op make_op(const std::string& kind, const Fields& fields, size_t index) {
+  FieldReader f(fields, index, kind);
+#define DBPROP_MATCH(e, str, Args)              \
+  if (kind == str) {                            \
+    Op op{OpKind::e, OpArgs(std::in_place_type<Args>, f)}; \
+    f.done();                                   \
+    return op;                                  \
+  }
   DBPROP_CHAIN_KINDS(DBPROP_MATCH)
 #undef DBPROP_MATCH
-#define DBPROP_LIST(e, str) " " str
-  TORCH_CHECK(false, "unknown op kind '", name, "'; the native chain driver knows:" DBPROP_CHAIN_KINDS(DBPROP_LIST));
+#define DBPROP_LIST(e, str, Args) " " str
+  TORCH_CHECK(false, "op ", index, ": unknown op kind '", kind,
+              "'; the native chain driver knows:" DBPROP_CHAIN_KINDS(DBPROP_LIST));
 #undef DBPROP_LIST
 }
+}  // namespace
 
 Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::Tensor> w,
                  const std::vector<c10::optional<at::Tensor>>& b)
@@ -193,16 +277,14 @@ Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::T
   TORCH_CHECK(weights.size() == b.size(), "got ", weights.size(), " weights but ", b.size(), " biases");
   int64_t affine = 0;
   for (size_t i = 0; i < descriptors.size(); ++i) {
-    const auto& [kind, ints, floats] = descriptors[i];
-    Op op{op_kind(kind), ints, floats};
+    const auto& [kind, fields] = descriptors[i];
+    Op op = make_op(kind, fields, i);
     if (op.kind == OpKind::Linear || op.kind == OpKind::Conv) {
       TORCH_CHECK(affine < static_cast<int64_t>(weights.size()), "op ", i, ": more affine ops than weights");
       op.affine = affine++;
       if (first_affine < 0) first_affine = static_cast<int64_t>(i);
       last_affine = static_cast<int64_t>(i);
     }
-    if (op.kind == OpKind::Conv) TORCH_CHECK(!ints.empty() && ints.size() >= 3 + 3 * static_cast<size_t>(ints[0]),
-                                             "op ", i, ": malformed convolution descriptor");
     ops.push_back(std::move(op));
   }
   TORCH_CHECK(affine == static_cast<int64_t>(weights.size()), "got ", weights.size(), " weights for ", affine,
@@ -247,7 +329,7 @@ std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input,
       if (op.kind == OpKind::Linear) {
         z = at::linear(x, w, b);
       } else {
-        ConvArgs a(op);
+        const auto& a = op.get<ConvArgs>();
         z = at::convolution(a.padded(x), w, b, a.stride, a.padding, a.dilation, false, a.zeros(), a.groups);
       }
       if (i + 1 < n && p.ops[i + 1].kind == OpKind::Activation) {  // fused epilogue: g + bits
@@ -264,13 +346,13 @@ std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input,
       std::tie(y, s->bits[i]) = forward_epilogue(x.contiguous(), at::Tensor(), 1, 1, slope_of(op));
       s->mask_numel[i] = x.numel();
     } else if (op.kind == OpKind::MaxPool) {
-      const auto& v = op.ints;
-      auto [out, idx] = at::max_pool2d_with_indices(as2d(op, x), slice(v, 1, 2), slice(v, 3, 2), slice(v, 5, 2),
-                                                    slice(v, 7, 2), v[9]);
-      y = from2d(op, out);
+      const auto& a = op.get<MaxPoolArgs>();
+      auto [out, idx] = at::max_pool2d_with_indices(as2d(a.one_d, x), a.kernel, a.stride, a.padding, a.dilation,
+                                                    a.ceil_mode);
+      y = from2d(a.one_d, out);
       s->aux[i] = idx.flatten(2);
     } else if (op.kind == OpKind::Dropout) {
-      const double keep = 1.0 - op.floats[0];
+      const double keep = 1.0 - op.get<DropoutArgs>().p;
       at::Tensor mask = keep > 0 ? at::empty(x.sizes(), x.options()).bernoulli_(keep).div_(keep) : at::zeros_like(x);
       y = x * mask;
       s->aux[i] = mask;

@@ -5,40 +5,105 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 namespace dbprop {
 
-// The node kinds the native chain driver runs, and the names Python uses for them (dbprop/nodes.py
-// `descriptor()`): the one place where a kind name meets its enum value.
-#define DBPROP_CHAIN_KINDS(X) \
-  X(Linear, "linear")         \
-  X(Conv, "conv")             \
-  X(Activation, "activation") \
-  X(MaxPool, "maxpool")       \
-  X(AvgPool, "avgpool")       \
-  X(Flatten, "flatten")       \
-  X(Dropout, "dropout")       \
-  X(Identity, "identity")
+// A descriptor's named fields: Python passes each op as (kind name, {field: [numbers]}) (dbprop/nodes.py
+// `descriptor()`); each kind reads its fields into its own struct below, checking names, lengths and values.
+using Fields = std::map<std::string, std::vector<double>>;
+using OpDescriptor = std::tuple<std::string, Fields>;
 
-#define DBPROP_ENUM_ENTRY(name, str) name,
+// Reads the fields of op `index` of kind `kind`; `done()` refuses fields that no struct member read.
+class FieldReader {
+ public:
+  FieldReader(const Fields& fields, size_t index, const std::string& kind)
+      : fields_(fields), index_(index), kind_(kind) {}
+  std::vector<int64_t> ints(const std::string& name, int64_t length = -1);  // length -1: any
+  int64_t integer(const std::string& name) { return ints(name, 1)[0]; }
+  bool flag(const std::string& name);
+  double real(const std::string& name);
+  void done() const;
+
+ private:
+  const std::vector<double>& get(const std::string& name);
+  const Fields& fields_;
+  size_t index_;
+  std::string kind_;
+  std::vector<std::string> read_;
+};
+
+struct LinearArgs {
+  explicit LinearArgs(FieldReader&) {}
+};
+struct ConvArgs {  // spatial dims (1 or 2), stride / padding / dilation per dim, groups; pad: F.pad order, or empty
+  int64_t dim, groups;
+  std::vector<int64_t> stride, padding, dilation, pad;
+  explicit ConvArgs(FieldReader& f);
+  std::vector<int64_t> zeros() const { return std::vector<int64_t>(dim, 0); }
+  at::Tensor padded(const at::Tensor& x) const { return pad.empty() ? x : at::constant_pad_nd(x, pad, 0); }
+};
+struct ActivationArgs {  // (leaky) ReLU: slope below 0
+  double slope;
+  explicit ActivationArgs(FieldReader& f) : slope(f.real("slope")) {}
+};
+struct MaxPoolArgs {  // 1-d pools run as 2-d with height 1; kernel, stride, padding, dilation as (height, width)
+  bool one_d, ceil_mode;
+  std::vector<int64_t> kernel, stride, padding, dilation;
+  explicit MaxPoolArgs(FieldReader& f);
+};
+struct AvgPoolArgs {
+  bool one_d, ceil_mode, count_include_pad;
+  std::vector<int64_t> kernel, stride, padding;
+  c10::optional<int64_t> divisor;
+  explicit AvgPoolArgs(FieldReader& f);
+};
+struct FlattenArgs {
+  int64_t start_dim, end_dim;
+  explicit FlattenArgs(FieldReader& f) : start_dim(f.integer("start_dim")), end_dim(f.integer("end_dim")) {}
+};
+struct DropoutArgs {  // p in [0, 1]; the mask is drawn in the forward pass
+  double p;
+  explicit DropoutArgs(FieldReader& f);
+};
+struct IdentityArgs {
+  explicit IdentityArgs(FieldReader&) {}
+};
+
+// The node kinds the native chain driver runs: enum value, the name Python uses, the struct of its fields. The
+// one place where a kind name meets its enum value and its fields; exported as `_C.chain_kinds()` and checked
+// against dbprop/nodes.py on import.
+#define DBPROP_CHAIN_KINDS(X)                 \
+  X(Linear, "linear", LinearArgs)             \
+  X(Conv, "conv", ConvArgs)                   \
+  X(Activation, "activation", ActivationArgs) \
+  X(MaxPool, "maxpool", MaxPoolArgs)          \
+  X(AvgPool, "avgpool", AvgPoolArgs)          \
+  X(Flatten, "flatten", FlattenArgs)          \
+  X(Dropout, "dropout", DropoutArgs)          \
+  X(Identity, "identity", IdentityArgs)
+
+#define DBPROP_ENUM_ENTRY(name, str, Args) name,
 enum class OpKind : int64_t { DBPROP_CHAIN_KINDS(DBPROP_ENUM_ENTRY) };
 #undef DBPROP_ENUM_ENTRY
+#define DBPROP_ARGS_ENTRY(name, str, Args) Args,
+using OpArgs = std::variant<DBPROP_CHAIN_KINDS(DBPROP_ARGS_ENTRY) std::monostate>;  // (monostate: never held)
+#undef DBPROP_ARGS_ENTRY
 
-// The kind named `name` (TORCH_CHECK on unknown names).
-OpKind op_kind(const std::string& name);
-
-// Python encodes each op as (kind name, ints, floats).
-using OpDescriptor = std::tuple<std::string, std::vector<int64_t>, std::vector<double>>;
+// The names of the chain kinds, in table order.
+std::vector<std::string> chain_kinds();
 
 struct Op {
   OpKind kind;
-  std::vector<int64_t> ints;
-  std::vector<double> floats;
+  OpArgs args;
   int64_t affine = -1;  // index into weights / biases
+  template <typename Args>
+  const Args& get() const { return std::get<Args>(args); }
 };
 
 struct Program {

@@ -7,6 +7,7 @@ of Etmann (2019), with the accumulated-eta algorithm for exact Jacobian penaltie
 import torch  # noqa: F401  (must be imported before the native extension)
 
 from . import analysis, functional, memory
+from . import backends
 from .backends import backend_info, native_available
 from .errors import UnsupportedModelError
 from .functional import FallbackWarning
@@ -14,6 +15,8 @@ from .memory import empty_cache, set_workspace_enabled, workspace_stats
 from .modules import (AlignmentPenalty, DoubleBackpropLoss, GradientPenalty, JacobianPenalty, OutputGradientPenalty,
                       RelevancePenalty, SpectralNormPenalty)
 from .program import Program, compile_model
+
+backends.check_native_tables()
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,23 @@ else:  # loading it registered the element kernels' operators (csrc/ops.cpp); th
     register_fakes()
 
 
+def check_native_tables() -> None:
+    """The extension's tables (csrc: chain kinds, smooth activations, penalty heads with their reads-x column)
+    must be the Python tables (dbprop/nodes.py, dbprop/penalties.py): else the extension was built from other
+    sources than this package, and would misread what Python hands it."""
+    if _native is None:
+        return
+    from . import nodes, penalties
+    pairs = [("chain kinds", tuple(_native.chain_kinds()), nodes.chain_kinds()),
+             ("smooth activations", tuple(_native.activation_names()), tuple(nodes.SMOOTH_ACTIVATIONS)),
+             ("penalty heads (name, reads x)", dict(_native.penalty_heads()), penalties.native_heads())]
+    for what, native, python in pairs:
+        same = sorted(native) == sorted(python) if not isinstance(native, dict) else native == python
+        if not same:
+            raise ImportError(f"dbprop._C does not match this dbprop package ({what}: extension {native}, "
+                              f"Python {python}); rebuild it: pip install --no-build-isolation -e .")
+
+
 def native_available() -> bool:
     """Whether the compiled extension is importable and implements the passes."""
     return _native is not None and hasattr(_native, "jacobian_penalty")

@@ -58,9 +58,11 @@ def chunk_budget_base(program: Program) -> int:
     return CHUNK_BUDGET_FLOOR_BYTES + sum(p.numel() * p.element_size() for p in program.parameters())
 
 
-def chunk_cap(program: Program, fp: ForwardState, num_directions: int, batch: int) -> int:
+def chunk_cap(program: Program, fp, num_directions: int, batch: int) -> int:
     """The most directions per batched pass whose cotangents (two state-sized tensors per direction) fit
-    ``min(CHUNK_BUDGET_MAX_BYTES, chunk_budget_base + bytes of the forward state)`` (csrc/algorithm4.cpp too)."""
+    ``min(CHUNK_BUDGET_MAX_BYTES, chunk_budget_base + bytes of the forward state)``: the one memory budget, also of
+    the native Algorithm 4 (``fp``: a :class:`ForwardState` or the native chain's, both with ``output`` and
+    ``numel_per_sample``)."""
     state = batch * fp.numel_per_sample * fp.output.element_size()
     budget = min(CHUNK_BUDGET_MAX_BYTES, chunk_budget_base(program) + state)
     return max(1, min(num_directions, budget // max(1, 2 * state)))
@@ -109,15 +111,16 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
     tuner, key = program.chunk_tuner, None
     if (backend == "native" and program.native_chain and fp is None and not keep_fp
             and isinstance(head, JacobianFrobenius) and head.estimator == "exact"):  # Algorithm 4 in one call
+        softmax, n = head.output == "softmax", native.chain_num_classes(program)
+        chain_fp = native.ChainPasses(program).forward(x, keep_inputs=softmax and need_param_grads)
         if chunk_size is None:
             key = _tuning_key(head, x, None, need_param_grads, need_input_grad, backend)
-            schedule = tuner.schedule(key, native.chain_num_classes(program))
+            schedule, cap = tuner.schedule(key, n), chunk_cap(program, chain_fp, n, B)
         else:
-            schedule = [chunk_size]
-        budget_max = CHUNK_BUDGET_MAX_BYTES if key else 0  # a pinned chunk_size is not capped
+            schedule, cap = [chunk_size], n  # a pinned chunk_size is not capped
         value, input_grad, sizes, seconds = native.jacobian_penalty(
-            program, x, head.output == "softmax", schedule, budget_max, chunk_budget_base(program),
-            key is not None and tuner.tuning(key), None, 1.0, w[0].contiguous(), grads, need_input_grad)
+            program, chain_fp, x, softmax, schedule, cap, key is not None and tuner.tuning(key), None, 1.0,
+            w[0].contiguous(), grads, need_input_grad)
         if seconds:
             tuner.record(key, sizes, seconds)
         return Result(value, grads.as_list() if grads else None, input_grad, None)

@@ -115,17 +115,17 @@ def chain_num_classes(program: Program) -> int:
     return program.ops[ChainPasses(program).affine[-1]].params()[0].shape[0]
 
 
-def jacobian_penalty(program: Program, x: Tensor, softmax: bool, chunks: List[int], budget_max: int,
-                     budget_base: int, time_chunks: bool, directions: Optional[Tensor], scale: float,
-                     sample_weight: Tensor, grads: Optional[ParamGrads], need_input_grad: bool):
-    """Algorithm 4 in one native call, classes in chunks of the sizes ``chunks`` (the last one repeated, none
-    above what fits the budget of ``engine.chunk_cap``; ``budget_max=0``: no limit); fills ``grads`` and
-    returns ``(values, input_grad, chunk sizes, chunk seconds)`` (seconds only if ``time_chunks``)."""
+def jacobian_penalty(program: Program, fp, x: Tensor, softmax: bool, chunks: List[int], cap: int, time_chunks: bool,
+                     directions: Optional[Tensor], scale: float, sample_weight: Tensor, grads: Optional[ParamGrads],
+                     need_input_grad: bool):
+    """Algorithm 4 in one native call from the chain's forward state ``fp`` (``ChainPasses.forward``), classes in
+    chunks of the sizes ``chunks`` (the last one repeated, none above ``cap``: ``engine.chunk_cap``); fills
+    ``grads`` and returns ``(values, input_grad, chunk sizes, chunk seconds)`` (seconds only if ``time_chunks``)."""
     chain = ChainPasses(program)
     want_w, want_b, _, _ = chain._lists(grads)
     value, gw, gb, gx, sizes, seconds = native_module().jacobian_penalty(
-        program.native(), x, softmax, chunks, budget_max, budget_base, time_chunks, directions, scale,
-        sample_weight, want_w, want_b, need_input_grad)
+        program.native(), fp, x, softmax, chunks, cap, time_chunks, directions, scale, sample_weight, want_w, want_b,
+        need_input_grad)
     chain._add(grads, gw, gb)
     return value, gx, sizes, seconds
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .formulation import ConvGeometry, ConvProducts
 
 Grads = List[Optional[Tensor]]
+Descriptor = Tuple[str, Dict[str, List[float]]]  # a native chain op: kind name and named fields
 
 
 def per_copy(c: Tensor, batch: int) -> Tensor:
@@ -58,6 +59,20 @@ def _batchnorm_apply(qs: Tensor, xhat: Tensor, m_q: Tensor, w: Tensor, scale: Te
 
 
 # ------------------------------------------------------------------------------------------ activations
+#: The smooth activations: kernel name (its row of DBPROP_SMOOTH_ACTIVATIONS in csrc/kernels/activations.h, checked
+#: on import) -> the torch function ``g(z, p1, p2)`` its kernels must equal.
+SMOOTH_ACTIVATIONS: Dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "gelu": lambda z, p1, p2: F.gelu(z),
+    "gelu_tanh": lambda z, p1, p2: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, p1, p2: F.silu(z),
+    "elu": lambda z, alpha, p2: F.elu(z, alpha),
+    "softplus": lambda z, beta, threshold: F.softplus(z, beta, threshold),
+    "tanh": lambda z, p1, p2: torch.tanh(z),
+    "sigmoid": lambda z, p1, p2: torch.sigmoid(z),
+    "mish": lambda z, p1, p2: F.mish(z),
+}
+
+
 @dataclass(frozen=True)
 class Smooth:
     """A smooth coordinate-wise activation: ``name`` is its kernel in ``csrc/kernels/activations.h``,
@@ -160,6 +175,7 @@ class Op:
     """A node kind. ``name`` is where it came from in the model (module path or traced call)."""
 
     kind = "op"
+    chain_kinds: Tuple[str, ...] = ()  # the names its ``descriptor()`` may return (DBPROP_CHAIN_KINDS rows)
     native = True        # runs through ATen / the element kernels (False: local autograd, an opaque node)
     has_source = False   # A depends on the forward point (smooth activations, train BN, opaque nodes)
 
@@ -207,8 +223,9 @@ class Op:
         return (self.cotangent(eta, saved, K) if want_inputs else None,
                 self.param_grads(eta, saved, want, K) if any(want) else [None] * len(want))
 
-    def descriptor(self) -> Optional[Tuple[str, List[int], List[float]]]:
-        """``(kind name, ints, floats)`` for the native chain program (csrc/program.h), or ``None``."""
+    def descriptor(self) -> Optional[Descriptor]:
+        """``(kind name, {field: [numbers]})`` for the native chain program, or ``None``: the kind's row of
+        ``DBPROP_CHAIN_KINDS`` and the fields its struct reads (csrc/program.h), checked when the program is built."""
         return None
 
     def __repr__(self) -> str:
@@ -285,6 +302,8 @@ class Affine(Unary):
 class Linear(Affine):
     """``K(W, x) = x Wᵀ``, ``Kᵀ(W, c) = c W``, ``K□(x, c) = cᵀ x`` (over all leading dims)."""
 
+    chain_kinds = ("linear",)
+
     def forward(self, x, ctx):
         return F.linear(x, self.weight, self.bias), (x if ctx.keep_inputs else None, x.shape)
 
@@ -302,7 +321,7 @@ class Linear(Affine):
         return c.reshape(-1, c.shape[-1]).sum(0)
 
     def descriptor(self):
-        return ("linear", [], [])
+        return ("linear", {})
 
 
 class Conv(Affine):
@@ -312,6 +331,8 @@ class Conv(Affine):
     ``aten.convolution`` / ``aten.convolution_backward`` (output mask selecting one gradient), a dense matrix
     for small maps and channel GEMMs for 1×1 kernels (docs/maths.md §4.1).
     """
+
+    chain_kinds = ("conv",)
 
     def __init__(self, name, module):
         super().__init__(name, module)
@@ -344,8 +365,8 @@ class Conv(Affine):
 
     def descriptor(self):
         g, aten = self.products.g, self.products.aten
-        pad = aten.explicit_pad or []
-        return ("conv", [self.dim, *g.stride, *aten.padding, *g.dilation, g.groups, int(bool(pad)), *pad], [])
+        return ("conv", dict(stride=list(g.stride), padding=aten.padding, dilation=list(g.dilation), groups=[g.groups],
+                             pad=aten.explicit_pad or []))
 
 
 # --------------------------------------------------------------------------------------- batch norm
@@ -453,6 +474,7 @@ class PiecewiseLinearActivation(Unary):
     """ReLU / LeakyReLU / ReLU6 / Hardtanh: ``a = g'(z)`` kept as a mask (bits natively); source 0 a.e."""
 
     kind = "piecewise-linear"
+    chain_kinds = ("activation",)  # (leaky) ReLU only
 
     def __init__(self, name, module, act: PiecewiseLinear):
         super().__init__(name, module)
@@ -468,7 +490,7 @@ class PiecewiseLinearActivation(Unary):
 
     def descriptor(self):
         act = self.act
-        return ("activation", [], [act.slope]) if act.lo == 0.0 and act.hi == math.inf else None
+        return ("activation", dict(slope=[act.slope])) if act.lo == 0.0 and act.hi == math.inf else None
 
 
 class SmoothActivation(Unary):
@@ -498,6 +520,7 @@ class Identity(Unary):
     """Identity and eval-mode dropout."""
 
     kind = "identity"
+    chain_kinds = ("identity",)
 
     def forward(self, x, ctx):
         return x, None
@@ -508,13 +531,14 @@ class Identity(Unary):
     transpose = linear
 
     def descriptor(self):
-        return ("identity", [], [])
+        return ("identity", {})
 
 
 class Dropout(Unary):
     """Dropout with its mask drawn once in the forward pass and reused in every other pass (eval: identity)."""
 
     kind = "dropout"
+    chain_kinds = ("dropout", "identity")  # identity in eval mode
 
     def _active(self) -> bool:
         return self.module.training and self.module.p > 0.0
@@ -535,7 +559,7 @@ class Dropout(Unary):
     transpose = linear
 
     def descriptor(self):
-        return ("dropout", [], [float(self.module.p)]) if self._active() else ("identity", [], [])
+        return ("dropout", dict(p=[float(self.module.p)])) if self._active() else ("identity", {})
 
 
 class Reshape(Unary):
@@ -543,6 +567,7 @@ class Reshape(Unary):
     elements, so ``A q`` reshapes to the output's per-sample shape and ``Aᵀ`` back."""
 
     kind = "reshape"
+    chain_kinds = ("flatten",)  # flatten only
 
     def __init__(self, name, fn: Callable[[Tensor], Tensor], flatten_dims: Optional[Tuple[int, int]] = None):
         super().__init__(name)
@@ -562,7 +587,9 @@ class Reshape(Unary):
         return c.reshape(_rows(saved[0], c.shape[0]))
 
     def descriptor(self):
-        return None if self.flatten_dims is None else ("flatten", list(self.flatten_dims), [])
+        if self.flatten_dims is None:
+            return None
+        return ("flatten", dict(start_dim=[self.flatten_dims[0]], end_dim=[self.flatten_dims[1]]))
 
 
 def _as_2d(value, one_d: bool, height: int = 1) -> List[int]:
@@ -576,6 +603,7 @@ class MaxPool(Unary):
     """Max-pool as routing through the saved argmax indices: ``R q`` gathers, ``Rᵀ c`` scatter-adds."""
 
     kind = "maxpool"
+    chain_kinds = ("maxpool",)
 
     def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
         super().__init__(name, module)
@@ -605,14 +633,15 @@ class MaxPool(Unary):
         return out.reshape(_rows(in_shape, c.shape[0]))
 
     def descriptor(self):
-        return ("maxpool", [int(self.one_d), *self.kernel, *self.stride, *self.padding, *self.dilation,
-                            int(self.ceil_mode)], [])
+        return ("maxpool", dict(one_d=[int(self.one_d)], kernel=self.kernel, stride=self.stride, padding=self.padding,
+                                dilation=self.dilation, ceil_mode=[int(self.ceil_mode)]))
 
 
 class AvgPool(Unary):
     """Average pool; ``Rᵀ`` is ``aten.avg_pool2d_backward`` (1-d pools run as 2-d with height 1)."""
 
     kind = "avgpool"
+    chain_kinds = ("avgpool",)
 
     def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, divisor_override=None):
@@ -642,8 +671,9 @@ class AvgPool(Unary):
         return g.squeeze(2) if self.one_d else g
 
     def descriptor(self):
-        return ("avgpool", [int(self.one_d), *self.kernel, *self.stride, *self.padding, int(self.ceil_mode),
-                            int(self.count_include_pad), int(self.divisor is not None), self.divisor or 0], [])
+        return ("avgpool", dict(one_d=[int(self.one_d)], kernel=self.kernel, stride=self.stride, padding=self.padding,
+                                ceil_mode=[int(self.ceil_mode)], count_include_pad=[int(self.count_include_pad)],
+                                divisor=[] if self.divisor is None else [self.divisor]))
 
 
 class AdaptiveAvgPool(Unary):
@@ -763,6 +793,17 @@ class Cat(Op):
 def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
     t = next(q for q in like if q is not None)
     return t.new_zeros(_rows(shape, rows))
+
+
+def chain_kinds() -> Tuple[str, ...]:
+    """The Python side of the native chain driver's kind table: every name some node's ``descriptor()`` returns
+    (checked on import against ``_C.chain_kinds()``, csrc/program.h)."""
+    names, todo = [], [Op]
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        names += [k for k in cls.chain_kinds if k not in names]
+    return tuple(names)
 
 
 class UnsupportedOp(RuntimeError):

@@ -7,7 +7,7 @@ batch of output cotangents, shape ``(k, B, C)``), the per-sample input gradients
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +147,11 @@ class Penalty:
         """``∂p/∂x`` at fixed ``ξ_0`` (``None`` when ``p`` does not depend on ``x`` directly)."""
         return None
 
-    # ---- the same head in the native kernels: (name, p1, p2), name from DBPROP_PENALTY_HEADS in
-    # csrc/kernels/elementwise.h, or None
+    # ---- the same head in the native kernels: ``native_name`` is its row of DBPROP_PENALTY_HEADS in
+    # csrc/kernels/elementwise.h (checked on import against this class's ``reads_x``: see ``native_heads``),
+    # ``native_head`` the call ``(name, p1, p2)``; None: no native head
+    native_name: Optional[str] = None
+
     @property
     def native_head(self):
         return None
@@ -187,9 +190,11 @@ class SquaredNorm(Penalty):
 
     scale = 1.0
 
+    native_name = "squared_norm"
+
     @property
     def native_head(self):
-        return ("squared_norm", self.scale, 0.0)
+        return (self.native_name, self.scale, 0.0)
 
     def value(self, xi, x):
         return self.scale * _flat_sum(xi * xi)
@@ -251,7 +256,8 @@ class SpectralNorm(Penalty):
         check_positive_int("power_iterations", power_iterations)
         self.power_iterations = power_iterations
 
-    native_head = ("spectral", 0.0, 0.0)
+    native_name = "spectral"
+    native_head = (native_name, 0.0, 0.0)
 
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)
@@ -298,9 +304,11 @@ class Relevance(_LabelledLogits):
             raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
         self.l1, self.l2 = float(l1), float(l2)
 
+    native_name = "relevance"
+
     @property
     def native_head(self):
-        return ("relevance", self.l1, self.l2)
+        return (self.native_name, self.l1, self.l2)
 
     def value(self, xi, x):
         r = x * xi
@@ -318,7 +326,8 @@ class Relevance(_LabelledLogits):
 class Alignment(_LabelledLogits):
     """Misalignment ``p = ‖x‖²‖ξ_0‖² − ⟨x, ξ_0⟩²`` (zero iff the saliency map is parallel to ``x``)."""
 
-    native_head = ("alignment", 0.0, 0.0)
+    native_name = "alignment"
+    native_head = (native_name, 0.0, 0.0)
 
     def value(self, xi, x):
         x = x.unsqueeze(0)
@@ -340,9 +349,11 @@ class GradientNorm(Penalty):
         super().__init__("logits")
         self.center = float(center)
 
+    native_name = "gradient_norm"
+
     @property
     def native_head(self):
-        return ("gradient_norm", self.center, 0.0)
+        return (self.native_name, self.center, 0.0)
 
     def setup(self, o, x, jacobian):
         super().setup(o, x, jacobian)
@@ -416,3 +427,17 @@ class DoubleBackprop(SquaredNorm):
         if self.loss == "cross_entropy":
             return -(torch.log_softmax(o, dim=-1) * self.target).sum(-1)
         return ((o - self.target) ** 2).sum(-1)
+
+
+def native_heads() -> Dict[str, bool]:
+    """The Python side of the native head table: ``native_name -> reads_x`` over every head class (each name
+    once; a subclass inherits its parent's row)."""
+    table: Dict[str, bool] = {}
+    todo = [Penalty]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.native_name is not None:
+            if table.setdefault(cls.native_name, cls.reads_x) != cls.reads_x:
+                raise RuntimeError(f"penalty heads disagree on reads_x for the native head {cls.native_name!r}")
+    return table

@@ -117,16 +117,30 @@ DBPROP_HD void softmax_eta_accumulate(const scalar_t* x, const scalar_t* v, cons
 //   kGradientNorm p = (‖ξ‖ − c)²                    q_0 = 2(‖ξ‖ − c) ξ/‖ξ‖               (params: c)
 //   kAlignment    p = ‖x‖²‖ξ‖² − ⟨x,ξ⟩²             q_0 = 2‖x‖²ξ − 2⟨x,ξ⟩x,  ∂p/∂x = 2‖ξ‖²x − 2⟨x,ξ⟩ξ
 //   kRelevance    p = λ1‖r‖₁ + λ2‖r‖², r = x⊙ξ      q_0 = x⊙(λ1 sign r + 2λ2 r), ∂p/∂x = ξ⊙(λ1 sign r + 2λ2 r)
-// The one table of heads: enum value and the name Python uses (dbprop/penalties.py `native_head`).
-#define DBPROP_PENALTY_HEADS(X)          \
-  X(kSquaredNorm, "squared_norm")       \
-  X(kSpectral, "spectral")              \
-  X(kGradientNorm, "gradient_norm")     \
-  X(kAlignment, "alignment")            \
-  X(kRelevance, "relevance")
-#define DBPROP_HEAD_ENUM(id, name) id,
+// The one table of heads: enum value, the name Python uses (dbprop/penalties.py `native_head`), and whether p
+// reads x (then x is a required argument and ∂p/∂x is non-zero; Python's `Penalty.reads_x` must agree, checked
+// on import through `_C.penalty_heads()`).
+#define DBPROP_PENALTY_HEADS(X)                 \
+  X(kSquaredNorm, "squared_norm", false)       \
+  X(kSpectral, "spectral", false)              \
+  X(kGradientNorm, "gradient_norm", false)     \
+  X(kAlignment, "alignment", true)             \
+  X(kRelevance, "relevance", true)
+#define DBPROP_HEAD_ENUM(id, name, reads_x) id,
 enum HeadKind : int { DBPROP_PENALTY_HEADS(DBPROP_HEAD_ENUM) };
 #undef DBPROP_HEAD_ENUM
+
+inline bool head_reads_x(int64_t kind) {
+  switch (kind) {
+#define DBPROP_HEAD_READS_X(id, name, reads_x) \
+  case id:                                     \
+    return reads_x;
+    DBPROP_PENALTY_HEADS(DBPROP_HEAD_READS_X)
+#undef DBPROP_HEAD_READS_X
+    default:
+      return false;
+  }
+}
 
 template <typename acc_t>
 DBPROP_HD acc_t sign_of(acc_t v) { return v > acc_t(0) ? acc_t(1) : (v < acc_t(0) ? acc_t(-1) : acc_t(0)); }
