@@ -49,8 +49,9 @@ def make_passes(program: Program, backend: str):
     """The pass driver for ``backend``: the native chain driver (one C++ call per pass) for plain chains of
     its kinds, else the DAG driver with the native or the Python element kernels."""
     if backend == "native":
-        return native.ChainPasses(program) if program.native_chain else passes.Passes(program, native.NativeKernels())
-    return passes.Passes(program, PythonKernels())
+        return native.ChainPasses(program) if program.native_chain else \
+            passes.Passes(program.ir, native.NativeKernels())
+    return passes.Passes(program.ir, PythonKernels())
 
 
 def chunk_budget_base(program: Program) -> int:
@@ -105,7 +106,7 @@ def _run(program: Program, head: Penalty, x: Tensor, *, sample_weight: Union[flo
     ``update_stats``: the forward pass updates BatchNorm running statistics as ``model(x)`` would.
     """
     need_any = need_param_grads or need_input_grad
-    grads = ParamGrads(program) if need_param_grads else None
+    grads = ParamGrads(program.ir) if need_param_grads else None
     B = x.shape[0]
     w = torch.as_tensor(sample_weight, dtype=x.dtype, device=x.device).expand(B).reshape(1, B)
     tuner, key = program.chunk_tuner, None

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .penalties import Penalty
-from .program import as_output_matrix
+from .ir import as_output_matrix
 
 
 class AutogradJacobian:

@@ -19,8 +19,8 @@ All nodes read their module's live parameters, so a program never goes stale aft
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -162,12 +162,15 @@ class PythonKernels:
 
 @dataclass
 class RunContext:
-    """What a forward pass tells its nodes: keep inputs for ``Bᵀη``? update BatchNorm running statistics?"""
+    """What a forward pass tells its nodes: keep inputs for ``Bᵀη``? update BatchNorm running statistics?
+    ``values``: the pass's own traced values so far (sizes, constants), which opaque and reshape nodes read for
+    the arguments of their traced call that are not node inputs."""
 
     kernels: Any
     keep_inputs: bool
     update_stats: bool
     batch: int
+    values: Mapping[Any, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- base
@@ -564,17 +567,19 @@ class Dropout(Unary):
 
 class Reshape(Unary):
     """``flatten`` / ``view`` / ``reshape`` keeping the batch dimension: a relabelling of each sample's
-    elements, so ``A q`` reshapes to the output's per-sample shape and ``Aᵀ`` back."""
+    elements, so ``A q`` reshapes to the output's per-sample shape and ``Aᵀ`` back. ``fn(tensors, values)``
+    is the reshape on ``[x]`` (``values`` as in :class:`RunContext`, e.g. a traced ``x.size(0)``)."""
 
     kind = "reshape"
     chain_kinds = ("flatten",)  # flatten only
 
-    def __init__(self, name, fn: Callable[[Tensor], Tensor], flatten_dims: Optional[Tuple[int, int]] = None):
+    def __init__(self, name, fn: Callable[[Sequence[Tensor], Mapping], Tensor],
+                 flatten_dims: Optional[Tuple[int, int]] = None):
         super().__init__(name)
         self.fn, self.flatten_dims = fn, flatten_dims
 
     def forward(self, x, ctx):
-        y = self.fn(x)
+        y = self.fn([x], ctx.values)
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
             raise UnsupportedOp(f"{self.name} reshapes across the batch dimension ({tuple(x.shape)} -> "
                                 f"{tuple(y.shape)}); dbprop needs every tensor to keep the batch first")
@@ -813,13 +818,15 @@ class UnsupportedOp(RuntimeError):
 # --------------------------------------------------------------------------------------------- opaque
 class Opaque(Op):
     """Any other module or function: its four operators come from local autograd at the saved inputs,
-    reverse-over-reverse (docs/maths.md §4.10). Exact, not fused: each class copy is one local autograd call."""
+    reverse-over-reverse (docs/maths.md §4.10). Exact, not fused: each class copy is one local autograd call.
+    ``fn(tensors, values)`` is the traced call on its inputs (``values`` as in :class:`RunContext`)."""
 
     kind = "opaque"
     native = False
     has_source = True
 
-    def __init__(self, name: str, fn: Callable[..., Tensor], module: Optional[nn.Module] = None) -> None:
+    def __init__(self, name: str, fn: Callable[[Sequence[Tensor], Mapping], Tensor],
+                 module: Optional[nn.Module] = None) -> None:
         super().__init__(name, module)
         self.fn = fn
 
@@ -829,7 +836,7 @@ class Opaque(Op):
     def run(self, xs, ctx):
         with torch.enable_grad():
             xr = [x.detach().requires_grad_(True) for x in xs]
-            y = self.fn(*xr)
+            y = self.fn(xr, ctx.values)
         if not isinstance(y, Tensor):
             raise UnsupportedOp(f"{self.name} returns {type(y).__name__}, not a tensor")
         return y.detach(), (xr, y)

@@ -4,18 +4,20 @@ Notation: node ``n`` has inputs ``args[n]``; ``ξ_out(n)`` is the backward cotan
 affine nodes), ``q`` the tangents of the backward-backward pass, ``η`` the forward-backward cotangents and
 ``ŝ`` the second-order sources. Several directions ride along the batch dimension (``k·B`` rows).
 Element work goes through ``kernels`` (:class:`dbprop.nodes.PythonKernels`, the readable reference, or
-:class:`dbprop.native.NativeKernels`).
+:class:`dbprop.native.NativeKernels`). The passes read the immutable IR (:mod:`dbprop.ir`) and keep all their
+values in the call, so any number of passes may run on one program at once (threads, or a pass nested in an
+opaque node's forward).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from .ir import INPUT, IR, as_output_matrix
 from .nodes import RunContext, UnsupportedOp
-from .program import INPUT, Program, as_output_matrix
 
 
 @dataclass
@@ -32,7 +34,7 @@ class ForwardState:
 class ParamGrads:
     """Accumulators ``θ̂`` and gradients, one per program parameter (shared parameters summed)."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: IR) -> None:
         self.program = program
         self.params = program.parameters()
         self.acc: List[Optional[Tensor]] = [None] * len(self.params)
@@ -64,44 +66,40 @@ def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class Passes:
-    """FP, BP, BBP and FBP of ``program`` with the element kernels ``kernels``."""
+    """FP, BP, BBP and FBP of ``program`` (an :class:`~dbprop.ir.IR`) with the element kernels ``kernels``."""
 
-    def __init__(self, program: Program, kernels) -> None:
+    def __init__(self, program: IR, kernels) -> None:
         self.program, self.K = program, kernels
 
     # ---- FP
     def forward(self, x: Tensor, keep_inputs: bool, update_stats: bool = False) -> ForwardState:
-        """Topological order; keeps what each node's operators need (and inputs of affine nodes if asked)."""
+        """Topological order; keeps what each node's operators need (and inputs of affine nodes if asked).
+        Interprets the IR's steps with the traced values in ``env``, a local of this call."""
         p = self.program
-        ctx = RunContext(self.K, keep_inputs, update_stats, x.shape[0])
-        env = p.env
-        env.clear()
-        env[p.placeholder] = x
+        env: Dict[Any, Any] = {p.placeholder: x}
+        ctx = RunContext(self.K, keep_inputs, update_stats, x.shape[0], env)
         saved: List[object] = [None] * len(p.ops)
         numel = 0
-        try:
-            for si, (node, n) in enumerate(p.steps):
-                if n is None:
-                    env[node] = p.call(node)
-                else:
-                    xs = [x if m == INPUT else env[p.op_nodes[m]] for m in p.args[n]]
-                    try:
-                        y, saved[n] = p.ops[n].run(xs, ctx)
-                    except UnsupportedOp:
-                        raise
-                    except RuntimeError as e:
-                        raise ValueError(f"node {n} ({p.ops[n].name}, {p.ops[n].kind}) failed on inputs of shape "
-                                         f"{[tuple(t.shape) for t in xs]} (model input {tuple(x.shape)}): {e}") from e
-                    if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
-                        raise UnsupportedOp(f"node {n} ({p.ops[n].name}) does not keep the batch dimension first")
-                    env[node] = y
-                    numel += y[0].numel()
-                for a in p.last_use.get(si, ()):
-                    if a is not p.placeholder and a is not p.output_node:
-                        env.pop(a, None)
-            out = env[p.output_node]
-        finally:
-            env.clear()
+        for step, frees in zip(p.steps, p.last_use):
+            n = step.op
+            if n is None:
+                env[step.node] = step.call((), env)
+            else:
+                xs = [x if m == INPUT else env[p.op_nodes[m]] for m in p.args[n]]
+                try:
+                    y, saved[n] = p.ops[n].run(xs, ctx)
+                except UnsupportedOp:
+                    raise
+                except RuntimeError as e:
+                    raise ValueError(f"node {n} ({p.ops[n].name}, {p.ops[n].kind}) failed on inputs of shape "
+                                     f"{[tuple(t.shape) for t in xs]} (model input {tuple(x.shape)}): {e}") from e
+                if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+                    raise UnsupportedOp(f"node {n} ({p.ops[n].name}) does not keep the batch dimension first")
+                env[step.node] = y
+                numel += y[0].numel()
+            for a in frees:
+                env.pop(a, None)
+        out = env[p.output_node]
         return ForwardState(saved, as_output_matrix(out), out.shape, numel, x.shape[0])
 
     # ---- BP

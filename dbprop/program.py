@@ -1,13 +1,18 @@
-"""The model program: an ``nn.Module`` traced by ``torch.fx`` into a DAG of nodes (docs/maths.md §1, §3).
+"""The front-end: an ``nn.Module`` traced by ``torch.fx`` and lowered to a DAG program (docs/maths.md §1, §3).
 
 Why ``torch.fx`` symbolic tracing: it records exactly the calls ``forward`` makes (subclass ``forward``s,
 module reuse, residual sums, ``torch.cat``, ``view``s), names every node by its module path, and fails
 loudly on data-dependent control flow. What it cannot see (hooks, parametrizations, global hooks) is
 refused here, and every program checks itself once against ``model(x)`` on the first input it runs.
+
+Layout: the kind table and the refusals, the tracer, the lowering to the immutable IR (:mod:`dbprop.ir`),
+:class:`Program` (the IR with the self-check and the per-program caches), ``compile_model`` and the cache.
+The passes (:mod:`dbprop.passes`) interpret the IR and do not import this module.
 """
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 import operator
 import weakref
@@ -21,11 +26,10 @@ from torch.nn.utils import parametrize
 
 from . import nodes as N
 from .errors import UnsupportedModelError
+from .ir import INPUT, IR, Step, TracedCall, as_output_matrix
+from .passes import Passes
 from .penalties import check_input
 from .tuning import ChunkTuner
-
-INPUT = -1  # the program input in a node's argument list
-
 
 # ------------------------------------------------------------------------------------- the kind table
 def _piecewise(fn, lo=0.0, hi=math.inf, slope=0.0) -> N.PiecewiseLinear:
@@ -62,6 +66,11 @@ def _pool_args(m: nn.Module, names: Tuple[str, ...]) -> Dict[str, Any]:
     return {n: getattr(m, n) for n in names}
 
 
+def _module_call(m: nn.Module):
+    """A module as the ``fn(tensors, values)`` of a node (docs/maths.md §4.4)."""
+    return lambda tensors, values: m(*tensors)
+
+
 #: module type -> node factory (name, module) -> Op. Types not listed become opaque nodes.
 MODULE_KINDS: Dict[type, Callable[[str, nn.Module], N.Op]] = {
     nn.Linear: N.Linear,
@@ -83,8 +92,8 @@ MODULE_KINDS: Dict[type, Callable[[str, nn.Module], N.Op]] = {
         m, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"))),
     nn.AdaptiveAvgPool1d: lambda name, m: N.AdaptiveAvgPool(name, m, True, m.output_size),
     nn.AdaptiveAvgPool2d: lambda name, m: N.AdaptiveAvgPool(name, m, False, m.output_size),
-    nn.Flatten: lambda name, m: N.Reshape(name, m, (m.start_dim, m.end_dim)),
-    nn.Unflatten: lambda name, m: N.Reshape(name, m),
+    nn.Flatten: lambda name, m: N.Reshape(name, _module_call(m), (m.start_dim, m.end_dim)),
+    nn.Unflatten: lambda name, m: N.Reshape(name, _module_call(m)),
     nn.Dropout: N.Dropout,
     nn.Identity: lambda name, m: N.Identity(name, m),
 }
@@ -192,147 +201,84 @@ def _normalized(node: fx.Node) -> Optional[Dict[str, Any]]:
     return None if r is None else dict(r.kwargs)
 
 
-class Program:
-    """A compiled DAG program. ``ops[n]`` reads its inputs ``args[n]`` (node indices, ``INPUT`` for ``x``);
-    ``output`` is the node whose value (flattened to ``(batch, outputs)``) the penalties see."""
+def _attr(root: nn.Module, target: str):
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, modules: Dict[str, nn.Module]) -> None:
+
+class _Lowering:
+    """The traced graph of ``model`` lowered to an :class:`~dbprop.ir.IR`: kind matching (``MODULE_KINDS``
+    and the traced functions and methods), opaque nodes for everything else, refusals."""
+
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.ops: List[N.Op] = []
-        self.args: List[List[int]] = []
-        self.steps: List[Tuple[fx.Node, Optional[int]]] = []   # every call in order: (node, op index or None)
-        self._modules = modules
-        self.env: Dict[fx.Node, Any] = {}                      # values during a forward pass
-        self._index: Dict[fx.Node, int] = {}
-        self.op_nodes: List[fx.Node] = []                      # the traced call of each node
-        self.verified = False
-        self.chunk_tuner = ChunkTuner()                        # chunk_size=None: sizes chosen by speed
-        self.refusal: Optional[UnsupportedModelError] = None  # set when the self-check failed
-        self._native = None
-        self._build(graph)
+        self.modules = dict(model.named_modules())
 
-    # ---- construction
-    def _build(self, graph: fx.Graph) -> None:
+    def __call__(self, graph: fx.Graph) -> IR:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise UnsupportedModelError(f"dbprop compiles models called as model(x) with one input; this forward takes "
                                         f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
-        self.placeholder = placeholders[0]
-        self._index[self.placeholder] = INPUT
-        tensor_nodes = {self.placeholder}
+        placeholder = placeholders[0]
+        index: Dict[fx.Node, int] = {placeholder: INPUT}
+        ops: List[N.Op] = []
+        args: List[List[int]] = []
+        steps: List[Step] = []
+        output = None
         for node in graph.nodes:
-            if node.op in ("placeholder",):
+            if node.op == "placeholder":
                 continue
             if node.op == "output":
                 out = node.args[0]
-                if not isinstance(out, fx.Node) or out not in tensor_nodes:
+                if not isinstance(out, fx.Node) or out not in index:
                     raise UnsupportedModelError("the model must return one tensor (batch, ...); it returns "
                                                 f"{type(out).__name__}")
-                self.output, self.output_node = self._index[out], out
-                if self.output == INPUT:
+                output = index[out]
+                if output == INPUT:
                     raise UnsupportedModelError("the model returns its input unchanged")
                 continue
             if node.op == "get_attr":
-                value = self._attr(node.target)
-                if isinstance(value, nn.Parameter):
+                if isinstance(_attr(self.model, node.target), nn.Parameter):
                     raise UnsupportedModelError(
                         f"the forward uses the parameter '{node.target}' directly (outside a module call); "
                         "wrap it in a module (it then runs as an opaque node)")
-                self.steps.append((node, None))
+                steps.append(Step(self._call(node)))
                 continue
-            inputs = []
-            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in tensor_nodes else None)
+            inputs: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in index else None)
             meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
                 (node.op == "call_function" and node.target is builtins.getattr)
             if meta:
-                self.steps.append((node, None))
+                steps.append(Step(self._call(node)))
                 continue
             inputs = list(dict.fromkeys(inputs))  # each producer once, in order of appearance
             op = self._make_op(node, inputs)
-            if isinstance(op, N.Add) or isinstance(op, N.Cat):
-                inputs = self._ordered_tensor_args(node)
-            self._index[node] = len(self.ops)
-            self.steps.append((node, len(self.ops)))
-            self.ops.append(op)
-            self.op_nodes.append(node)
-            self.args.append([self._index[a] for a in inputs])
-            tensor_nodes.add(node)
-        self.consumers: List[List[int]] = [[] for _ in self.ops]
-        self.input_consumers: List[int] = []
-        for n, a in enumerate(self.args):
-            for m in a:
-                (self.input_consumers if m == INPUT else self.consumers[m]).append(n)
-        # which nodes depend on x (others are constants for every derivative)
-        self.depends_on_input = [False] * len(self.ops)
-        for n, a in enumerate(self.args):
-            self.depends_on_input[n] = any(m == INPUT or self.depends_on_input[m] for m in a)
-        if not self.depends_on_input[self.output]:
+            if isinstance(op, (N.Add, N.Cat)):
+                inputs = []
+                fx.node.map_arg(node.args, inputs.append)  # every operand, in order
+            index[node] = len(ops)
+            steps.append(Step(self._call(node), len(ops)))
+            ops.append(op)
+            args.append([index[a] for a in inputs])
+        ir = IR(type(self.model).__name__, placeholder, steps, ops, args, output)
+        if not ir.depends_on_input[ir.output]:
             raise UnsupportedModelError("the model output does not depend on its input")
-        self.reaches_output = [False] * len(self.ops)
-        self.reaches_output[self.output] = True
-        for n in reversed(range(len(self.ops))):
-            self.reaches_output[n] = self.reaches_output[n] or any(self.reaches_output[c] for c in self.consumers[n])
-        # the last step that reads each value (values are freed after it in the forward pass)
-        self.last_use: Dict[int, List[fx.Node]] = {}
-        seen = set()
-        for si in reversed(range(len(self.steps))):
-            node = self.steps[si][0]
-            for a in self._fx_inputs(node):
-                if a not in seen:
-                    seen.add(a)
-                    self.last_use.setdefault(si, []).append(a)
-        self._params: List[Tensor] = []
-        ids: Dict[int, int] = {}
-        self.param_index: List[List[int]] = []
-        for op in self.ops:
-            idx = []
-            for p in op.params():
-                if id(p) not in ids:
-                    ids[id(p)] = len(self._params)
-                    self._params.append(p)
-                idx.append(ids[id(p)])
-            self.param_index.append(idx)
+        return ir
 
-    @staticmethod
-    def _fx_inputs(node: fx.Node) -> List[fx.Node]:
-        found: List[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), found.append)
-        return found
-
-    def _ordered_tensor_args(self, node: fx.Node) -> List[fx.Node]:
-        found: List[fx.Node] = []
-        fx.node.map_arg(node.args, found.append)
-        return found
-
-    def _attr(self, target: str):
-        obj: Any = self.model
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    def resolve(self, a):
-        """Replace traced nodes in an argument structure by their values in the current forward pass."""
-        return fx.node.map_arg(a, lambda n: self.env[n])
-
-    def call(self, node: fx.Node, replace: Optional[Dict[fx.Node, Tensor]] = None):
-        """Evaluate one traced call with the current values (``replace`` overrides some inputs)."""
-        env = self.env if not replace else {**self.env, **replace}
-        args = fx.node.map_arg(node.args, lambda n: env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    def _call(self, node: fx.Node, inputs: Tuple[fx.Node, ...] = ()) -> TracedCall:
         if node.op == "get_attr":
-            return self._attr(node.target)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return self._modules[node.target](*args, **kwargs)
+            return TracedCall(node, functools.partial(_attr, self.model, node.target))
+        fn = self.modules[node.target] if node.op == "call_module" else \
+            node.target if node.op == "call_function" else None
+        return TracedCall(node, fn, tuple(inputs))
 
     def _opaque(self, node: fx.Node, inputs: List[fx.Node], module: Optional[nn.Module] = None) -> N.Op:
-        def fn(*tensors):
-            return self.call(node, dict(zip(inputs, tensors)))
-        return N.Opaque(self._name(node), fn, module)
+        return N.Opaque(self._name(node), self._call(node, inputs), module)
 
-    def _name(self, node: fx.Node) -> str:
+    @staticmethod
+    def _name(node: fx.Node) -> str:
         if node.op == "call_module":
             return str(node.target)
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -341,7 +287,7 @@ class Program:
     def _make_op(self, node: fx.Node, inputs: List[fx.Node]) -> N.Op:
         name = self._name(node)
         if node.op == "call_module":
-            m = self._modules[node.target]
+            m = self.modules[node.target]
             make = MODULE_KINDS.get(type(m))
             if len(node.args) != 1 or node.kwargs or make is None:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -418,8 +364,7 @@ class Program:
             end = kw.get("end_dim", -1) if kw else (rest[1] if len(rest) > 1 else node.kwargs.get("end_dim", -1))
             if isinstance(start, int) and isinstance(end, int):
                 dims = (start, end)
-        x_node = inputs[0]
-        return N.Reshape(name, lambda x: self.call(node, {x_node: x}), dims)
+        return N.Reshape(name, self._call(node, tuple(inputs)), dims)
 
     def _mean(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
@@ -433,30 +378,40 @@ class Program:
             return None
         return N.Mean(name, list(dims), keepdim)
 
-    # ---- queries
+
+class Program:
+    """A compiled model: its :class:`~dbprop.ir.IR` (``ir``; ``ops``, ``args``, ``output`` and the queries
+    below read it) and what belongs to the program rather than to one call: the self-check's verdict, the
+    chunk-size tuner and the native chain program. No state of a call lives here: the passes keep theirs."""
+
+    def __init__(self, model: nn.Module, ir: IR) -> None:
+        self.model = model
+        self.ir = ir
+        self.verified = False
+        self.chunk_tuner = ChunkTuner()                        # chunk_size=None: sizes chosen by speed
+        self.refusal: Optional[UnsupportedModelError] = None  # set when the self-check failed
+        self._native = None
+
+    # ---- the IR (see dbprop.ir.IR)
+    ops = property(lambda self: self.ir.ops)
+    args = property(lambda self: self.ir.args)
+    output = property(lambda self: self.ir.output)
+    opaque_nodes = property(lambda self: self.ir.opaque_nodes)
+    has_sources = property(lambda self: self.ir.has_sources)
+    is_chain = property(lambda self: self.ir.is_chain)
+    native_chain = property(lambda self: self.ir.native_chain)
+
     def parameters(self) -> List[Tensor]:
         """Every parameter the nodes read, once each (shared modules: gradients are summed)."""
-        return list(self._params)
+        return self.ir.parameters()
 
-    @property
-    def opaque_nodes(self) -> List[int]:
-        return [n for n, op in enumerate(self.ops) if not op.native]
+    def explain(self) -> str:
+        """One line per node: index, kind, where it came from, its inputs and whether it runs natively."""
+        return self.ir.explain()
 
-    @property
-    def has_sources(self) -> bool:
-        """Whether some node has a second-order source (then the forward-backward pass always runs)."""
-        return any(op.has_source for op in self.ops)
+    __repr__ = explain
 
-    @property
-    def is_chain(self) -> bool:
-        return all(a == [n - 1 if n else INPUT] for n, a in enumerate(self.args)) and self.output == len(self.ops) - 1
-
-    @property
-    def native_chain(self) -> bool:
-        """A chain of the kinds the native chain driver (csrc/passes.cpp) runs in one call per pass."""
-        return self.is_chain and all(op.descriptor() is not None for op in self.ops) and \
-            any(isinstance(op, N.Affine) for op in self.ops)
-
+    # ---- per program
     def native(self):
         """The chain as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors)."""
         if self._native is None:
@@ -481,7 +436,7 @@ class Program:
                 raise TypeError(f"dtype mismatch: input is {x.dtype} but the model's parameters are {w.dtype}")
             if x.device != w.device:
                 raise ValueError(f"device mismatch: input is on {x.device} but the model is on {w.device}")
-        for n in self.input_consumers:  # the layers reading x directly name the shape they expect
+        for n in self.ir.input_consumers:  # the layers reading x directly name the shape they expect
             op = self.ops[n]
             if isinstance(op, N.Conv):
                 want, m = op.dim + 2, op.module
@@ -499,7 +454,6 @@ class Program:
             return
         if self.refusal is not None:
             raise self.refusal
-        from . import passes
         dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
         # in-place restore would bump their version counters and break a graph that saved them, e.g. the
@@ -510,7 +464,7 @@ class Program:
                 m.training = False
             with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
                 try:
-                    ours = passes.Passes(self, N.PythonKernels()).forward(x, keep_inputs=False).output
+                    ours = Passes(self.ir, N.PythonKernels()).forward(x, keep_inputs=False).output
                 except N.UnsupportedOp as e:
                     self.refusal = UnsupportedModelError(str(e))
                     raise self.refusal from None
@@ -529,31 +483,6 @@ class Program:
                 "record (state changed in forward, in-place updates of shared tensors, Python-side randomness)")
             raise self.refusal
         self.verified = True
-
-    def explain(self) -> str:
-        """One line per node: index, kind, where it came from, its inputs and whether it runs natively."""
-        lines = [f"Program of {type(self.model).__name__}: {len(self.ops)} nodes, "
-                 f"{len(self.opaque_nodes)} opaque" + (", native chain driver" if self.native_chain else "")]
-        for n, (op, a) in enumerate(zip(self.ops, self.args)):
-            ins = ", ".join("x" if m == INPUT else str(m) for m in a)
-            how = "native" if op.native else "opaque (local autograd)"
-            out = "  -> output" if n == self.output else ""
-            lines.append(f"  {n:3d} {op.kind:<16} {op.name:<32} ({ins}) {how}{out}")
-        return "\n".join(lines)
-
-    __repr__ = explain
-
-
-def as_output_matrix(o: Tensor) -> Tensor:
-    """The model output as ``(batch, outputs)``: ``(B,)``, ``(B, C)`` and ``(B, C, 1, ..., 1)`` are accepted."""
-    if not isinstance(o, Tensor):
-        raise UnsupportedModelError(f"the model must return a tensor, got {type(o).__name__}")
-    if o.dim() == 1:
-        return o.unsqueeze(1)
-    if o.dim() >= 2 and all(s == 1 for s in o.shape[2:]):
-        return o.reshape(o.shape[0], o.shape[1])
-    raise ValueError(f"the model output must have shape (batch,), (batch, outputs) or (batch, outputs, 1, ...); "
-                     f"got {tuple(o.shape)}")
 
 
 def compile_model(model: nn.Module) -> Program:
@@ -576,7 +505,7 @@ def compile_model(model: nn.Module) -> Program:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
         raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
-    return Program(model, graph, dict(model.named_modules()))
+    return Program(model, _Lowering(model)(graph))
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Program]]" = weakref.WeakKeyDictionary()

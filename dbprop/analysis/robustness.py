@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from .. import backends
 from ..engine import make_passes
 from ..errors import UnsupportedModelError
+from ..ir import as_output_matrix
 from ..penalties import check_input, check_model
-from ..program import as_output_matrix, cached_program
+from ..program import cached_program
 
 
 def _flat(t: Tensor) -> Tensor:
