@@ -2,4 +2,4 @@
 
 
 class UnsupportedModelError(ValueError):
-    """A model (or one of its modules) cannot be compiled into a stage program."""
+    """A model (or one of its modules) cannot be compiled into a program."""
