@@ -50,8 +50,15 @@ def _implementation(handle: int, x: Tensor, labels: Optional[Tensor], params: Li
     """Both operators' implementation (eager, at run time) through dbprop/core.py: the reduced value and its
     gradients w.r.t. ``x`` and each parameter of the module's model (zeros where not wanted); with ``weight``,
     the gradients of ``Σ_b weight_b R_b`` instead (``core.weighted_grads``) and no value. For
-    ``reduction="none"`` the value comes alone: the backward recomputes with its per-sample weights. No autograd
-    (a compiled backward runs with autograd switched off), except in the fallback."""
+    ``reduction="none"`` the value comes alone: the backward recomputes with its per-sample weights.
+
+    A custom op's implementation runs below the autograd dispatch key; the core runs with it again, as in eager
+    use (smooth activations, opaque nodes and the fallback take local derivatives with autograd)."""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        return _run(handle, x, labels, params, need_params, need_input, weight)
+
+
+def _run(handle, x, labels, params, need_params, need_input, weight):
     module = _module(handle)
     model = module.model
     live = list(model.parameters())  # the tensors the program's gradients belong to (``params`` may be proxies)

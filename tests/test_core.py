@@ -149,3 +149,25 @@ def test_a_new_penalty_is_its_head_plus_a_small_generic_module(reduction, backen
     ref = torch.autograd.grad(_weighted(ref_value, reduction, w), [xf, *model.parameters()], materialize_grads=True)
     torch.testing.assert_close(value.detach(), ref_value.detach(), rtol=1e-10, atol=0)
     assert_grads_close(got, ref)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path,reduction", [("program", "mean"), ("fallback", "none")])
+def test_compiled_step_runs_smooth_activations_and_the_fallback_like_eager(path, reduction):
+    """The operator's implementation runs below the autograd key: the core's local autograd (smooth activations,
+    opaque nodes, the fallback) must still work there."""
+    net, (x, w) = _net(), _inputs()
+    pen = dbprop.JacobianPenalty(net if path == "program" else _Untraceable(net), output="softmax",
+                                 reduction=reduction)
+
+    def step(x):
+        return _weighted(pen(x), reduction, w)
+
+    got = []
+    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        xr = x.clone().requires_grad_(True)
+        value = f(xr)
+        got.append((value.detach(), torch.autograd.grad(value, [xr, *net.parameters()])))
+    torch._dynamo.reset()
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=0)
+    assert_grads_close(got[1][1], got[0][1])
