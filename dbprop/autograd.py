@@ -1,23 +1,14 @@
-"""The autograd Function that ties a penalty's value to the gradients computed by the passes."""
+"""The eager path: the autograd Function that ties a penalty's value to the gradients of dbprop/core.py."""
 from __future__ import annotations
 
 import functools
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import engine
+from . import core
 from .penalties import Penalty
-from .program import Program
-
-
-def reduce(values: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
 
 
 SECOND_DERIVATIVE_ERROR = (
@@ -48,9 +39,9 @@ class DoubleBackpropFunction(torch.autograd.Function):
     """``R = reduce(R_b)`` whose backward returns ``∇x R`` and ``∇θ R`` for every parameter.
 
     The gradients are computed eagerly in ``forward`` (Algorithm 4 needs the per-class cotangents that
-    exist only there) with per-sample weights ``1/B`` ("mean") or ``1``; ``backward`` scales them by the
-    incoming gradient. For ``reduction="none"`` with non-uniform incoming per-sample weights, the
-    parameter gradients are recomputed from the saved forward pass with those weights (exact).
+    exist only there) by ``core.value_and_grads``, on the program or the autograd fallback; ``backward``
+    applies them to the incoming gradient by ``core.weighted_grads`` (for ``reduction="none"`` with
+    non-uniform incoming per-sample weights: recomputed from the saved forward pass with those weights, exact).
 
     Autograd semantics: the gradients and the inputs go through ``save_for_backward``, so a second
     ``backward()`` without ``retain_graph=True`` raises like any other graph, a parameter (or ``x``)
@@ -61,55 +52,32 @@ class DoubleBackpropFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec, x: Tensor, *params: Tensor) -> Tensor:
-        program, head, reduction, chunk_size, backend, update_stats = spec
-        B = x.shape[0]
-        need_x = ctx.needs_input_grad[1]
-        need_params = any(ctx.needs_input_grad[2:])
-        weight = 1.0 / B if reduction == "mean" else 1.0
-        keep_fp = reduction == "none" and (need_params or need_x)  # exact recompute for non-uniform weights
-        result = engine.run(program, head, x, sample_weight=weight, need_param_grads=need_params,
-                            need_input_grad=need_x, chunk_size=chunk_size, keep_fp=keep_fp, backend=backend,
-                            update_stats=update_stats)
-        ctx.reduction, ctx.num_params = reduction, len(params)
-        ctx.save_for_backward(x, *params, result.input_grad, *(result.param_grads or [None] * len(params)))
-        ctx.recompute = (program, head, chunk_size, result.fp, backend) if keep_fp else None
-        return reduce(result.value, reduction)
+    def forward(ctx, ev: core.Evaluation, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.need_input, ctx.need_params = ctx.needs_input_grad[1], list(ctx.needs_input_grad[2:])
+        g = core.value_and_grads(ev, x, params, ctx.need_input, ctx.need_params, keep=ev.reduction == "none")
+        ctx.ev, ctx.state, ctx.num_params = ev, g.state, len(params)
+        ctx.save_for_backward(x, *params, g.input_grad, *g.param_grads)
+        return g.value
 
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad_output: Tensor):
         saved = ctx.saved_tensors  # raises if freed by an earlier backward, or if an input changed in place
         L = ctx.num_params
-        x, input_grad, param_grads = saved[0], saved[1 + L], list(saved[2 + L:])
-        if ctx.reduction != "none":
-            scale = grad_output
-            input_grad = None if input_grad is None else input_grad * scale
-        else:
-            g = grad_output
-            scale = g[0]
-            if input_grad is not None:
-                input_grad = input_grad * scale
-            if ctx.recompute is not None and not bool((g == g[0]).all()):
-                # ∇ Σ_b g_b R_b from the saved forward pass: exact also where samples are coupled (train BN)
-                program, head, chunk_size, fp, backend = ctx.recompute
-                need_x = input_grad is not None
-                r = engine.run(program, head, x, sample_weight=g, need_param_grads=any(p is not None for p in
-                                                                                        param_grads),
-                               need_input_grad=need_x, chunk_size=chunk_size, fp=fp, backend=backend)
-                param_grads = r.param_grads or param_grads
-                input_grad = r.input_grad if need_x else None
-                scale = None
-        grads = [None if p is None else (p if scale is None else p * scale) for p in param_grads]
-        return (None, input_grad, *grads)
+        x, params = saved[0], saved[1:1 + L]
+        grads = core.Grads(None, saved[1 + L], list(saved[2 + L:]), ctx.state)
+        gx, gps = core.weighted_grads(ctx.ev, x, params, ctx.need_input, ctx.need_params, grad_output, grads)
+        return (None, gx, *gps)
 
 
-def evaluate(program: Program, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int],
-             backend: str = "python", update_stats: bool = False) -> Tensor:
-    """The penalty through the passes: a plain value when no gradient is wanted, else via the Function.
-    ``update_stats``: BatchNorm running statistics are updated as by one ``model(x)`` call."""
-    params = program.parameters()
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return DoubleBackpropFunction.apply((program, head, reduction, chunk_size, backend, update_stats), x, *params)
-    return reduce(engine.run(program, head, x, chunk_size=chunk_size, backend=backend,
-                             update_stats=update_stats).value, reduction)
+def evaluate(model: nn.Module, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int],
+             backend: str, strict: bool, stacklevel: int) -> Tensor:
+    """One eager call: the checks, the autocast policy and the program-or-fallback choice of dbprop/core.py, then
+    a plain value when no gradient is wanted, else the value through the Function."""
+    backend = core.check_call(model, x, reduction, chunk_size, backend)
+    off, x = core.autocast_off(model, x)
+    with off:
+        ev = core.prepare(model, head, x, reduction, chunk_size, backend, strict, stacklevel + 1)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ev.params)):
+            return DoubleBackpropFunction.apply(ev, x, *ev.params)
+        return core.value_and_grads(ev, x, ev.params).value

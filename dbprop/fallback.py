@@ -2,6 +2,8 @@
 ``compile_model`` rejects, and the float64 oracle of the tests. Same penalties, same conventions."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -26,15 +28,17 @@ class AutogradJacobian:
         return torch.autograd.grad(g, dummy, u)[0].detach()
 
 
-def autograd_penalty(model: nn.Module, head: Penalty, x: Tensor) -> Tensor:
+def autograd_penalty(model: nn.Module, head: Penalty, x: Tensor, update_stats: Optional[bool] = None) -> Tensor:
     """Per-sample ``R_b`` (shape ``(B,)``), differentiable in the parameters and in ``x``.
 
     Input gradients come from one batched ``autograd.grad`` per direction of the batch-summed output: the
     per-sample gradients for models whose samples do not interact, ∇x of the batch sum for train-mode
-    BatchNorm (docs/maths.md §7). BatchNorm running statistics are updated only by penalties that replace
-    the task forward (``head.has_loss``: double backprop), as one ``model(x)`` call would.
+    BatchNorm (docs/maths.md §7). BatchNorm running statistics are updated, as one ``model(x)`` call would,
+    when ``update_stats`` (default: for penalties that replace the task forward, ``head.has_loss``).
     """
-    buffers = [] if head.has_loss else [(b, b.clone()) for b in model.buffers()]
+    if update_stats is None:
+        update_stats = head.has_loss
+    buffers = [] if update_stats else [(b, b.clone()) for b in model.buffers()]
     with torch.enable_grad():
         x_ = x if x.requires_grad else x.detach().requires_grad_(True)
         o = as_output_matrix(model(x_))

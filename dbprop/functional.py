@@ -6,29 +6,17 @@ model's parameters (and of ``x`` when it requires grad) computed by the explicit
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-import weakref
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
-from . import autograd, backends, fallback
-from .errors import UnsupportedModelError
-from .penalties import (Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient,
-                        Penalty, Relevance, SpectralNorm, check_chunk_size, check_input, check_model,
-                        check_reduction)
-from .program import cached_program, refuse_sharded
+from .autograd import evaluate
+from .core import FallbackWarning  # noqa: F401  (dbprop.functional.FallbackWarning)
+from .penalties import Alignment, DoubleBackprop, GradientNorm, JacobianFrobenius, OutputGradient, Penalty, Relevance, \
+    SpectralNorm
 
 __all__ = ["jacobian_penalty", "output_gradient_penalty", "double_backprop_loss", "spectral_norm_penalty",
            "relevance_penalty", "alignment_penalty", "gradient_penalty"]
-
-_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-class FallbackWarning(UserWarning):
-    """A model could not be compiled; the penalty runs through autograd double backprop."""
 
 
 def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean", chunk_size: Optional[int] = None,
@@ -39,46 +27,7 @@ def penalty(model: nn.Module, x: Tensor, head: Penalty, reduction: str = "mean",
     with autocast switched off (README, "Mixed precision"): ``x`` is cast to that dtype (differentiably) and
     the value comes back in it. Gradient scaling (``torch.amp.GradScaler``) works as for any loss term.
     """
-    check_reduction(reduction)
-    check_chunk_size(chunk_size)
-    check_model(model)
-    backend = backends.resolve(backend)
-    check_input(x)  # the same checks on the native and the fallback path
-    refuse_sharded(model)  # always an error: the autograd fallback cannot run on FSDP shards either
-    off, x = autocast_off(model, x)
-    with off:
-        program = compiled_or_none(model, x, strict, stacklevel=4)
-        if program is None:
-            return autograd.reduce(fallback.autograd_penalty(model, head, x), reduction)
-        return autograd.evaluate(program, head, x, reduction, chunk_size, backend, update_stats=head.has_loss)
-
-
-def autocast_off(model: nn.Module, x: Tensor):
-    """Inside ``torch.autocast``: a context that switches it off, and ``x`` cast (differentiably) to the dtype of
-    the model's parameters; else a null context and ``x`` (README, "Mixed precision")."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return contextlib.nullcontext(), x
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-    return torch.autocast(x.device.type, enabled=False), x.to(dtype)
-
-
-def compiled_or_none(model: nn.Module, x: Tensor, strict: bool, stacklevel: int):
-    """The model's verified program for an input that passed ``check_input``, or ``None`` (after one
-    ``FallbackWarning`` per model, ``stacklevel`` as for ``warnings.warn`` here) when it cannot be compiled;
-    ``strict=True`` raises instead."""
-    try:
-        program = cached_program(model)
-        program.check_shapes(x)
-        program.verify(x)
-        return program
-    except UnsupportedModelError as e:
-        if strict:
-            raise
-        if model not in _warned:
-            _warned.add(model)
-            warnings.warn(f"dbprop: {e}; falling back to autograd double backpropagation", FallbackWarning,
-                          stacklevel=stacklevel)
-        return None
+    return evaluate(model, head, x, reduction, chunk_size, backend, strict, stacklevel=3)
 
 
 def jacobian_penalty(model: nn.Module, x: Tensor, output: str = "logits", estimator: str = "exact",

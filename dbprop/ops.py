@@ -7,8 +7,8 @@ value together with the gradients the explicit passes computed (``∇x R`` and `
 model, in ``model.parameters()`` order); its backward scales them by the incoming gradient (for
 ``reduction="none"`` it recomputes them with the incoming per-sample weights through ``dbprop::penalty_grads``,
 exact also for coupled samples). ``handle`` names a penalty MODULE (registered at construction): the op's
-implementation runs that module's eager computation (program cache, self-check, native or Python passes,
-autograd fallback) at run time, so nothing dbprop does in Python is traced.
+implementation runs the evaluation core (dbprop/core.py: checks, program cache, self-check, native or Python
+passes, autograd fallback) for that module at run time, so nothing dbprop does in Python is traced.
 
 Why ``custom_op`` over a C++ ``TORCH_LIBRARY`` schema: the unit that must be opaque to the compiler is the
 whole penalty (program lookup, class chunks, Algorithm 4), which is driven from Python; its native kernels
@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import core
 
 _registry: Dict[int, "weakref.ReferenceType"] = {}
 _handles = itertools.count(1)
@@ -43,6 +45,40 @@ def _module(handle: int):
     return m
 
 
+def _implementation(handle: int, x: Tensor, labels: Optional[Tensor], params: List[Tensor], need_params: List[bool],
+                    need_input: bool, weight: Optional[Tensor]) -> Tuple[Optional[Tensor], Tensor, List[Tensor]]:
+    """Both operators' implementation (eager, at run time) through dbprop/core.py: the reduced value and its
+    gradients w.r.t. ``x`` and each parameter of the module's model (zeros where not wanted); with ``weight``,
+    the gradients of ``Σ_b weight_b R_b`` instead (``core.weighted_grads``) and no value. For
+    ``reduction="none"`` the value comes alone: the backward recomputes with its per-sample weights.
+
+    A custom op's implementation runs below the autograd dispatch key; the core runs with it again, as in eager
+    use (smooth activations, opaque nodes and the fallback take local derivatives with autograd)."""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        return _run(handle, x, labels, params, need_params, need_input, weight)
+
+
+def _run(handle, x, labels, params, need_params, need_input, weight):
+    module = _module(handle)
+    model = module.model
+    live = list(model.parameters())  # the tensors the program's gradients belong to (``params`` may be proxies)
+    if len(live) != len(params) or any(a.shape != b.shape for a, b in zip(live, params)):
+        raise RuntimeError("dbprop::penalty: the model's parameters changed since the graph was traced")
+    # the checks here, at run time: the finiteness check syncs, it must not break the graph
+    backend = core.check_call(model, x, module.reduction, module.chunk_size, module.backend)
+    ev = core.prepare(model, module._head(labels), x, module.reduction, module.chunk_size, backend, module.strict,
+                      stacklevel=3)
+    if weight is None:
+        now = module.reduction != "none"
+        r = core.value_and_grads(ev, x, live, now and need_input, [now and n for n in need_params])
+        value, gx, gps = r.value, r.input_grad, r.param_grads
+    else:
+        value = None
+        gx, gps = core.weighted_grads(ev, x, live, need_input, need_params, weight)
+    return (value, torch.zeros_like(x) if gx is None else gx,
+            [torch.zeros_like(p) if g is None else g for p, g in zip(live, gps)])
+
+
 @torch.library.custom_op("dbprop::penalty", mutates_args=())
 def penalty(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: List[Tensor], handle: int,
             need_params: List[bool], need_input: bool) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
@@ -53,7 +89,7 @@ def penalty(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: 
     module = _module(handle)
     live = list(module.model.buffers()) if buffers else []
     before = [b.clone() for b in live]
-    value, gx, gps = module._value_and_grads(x, labels, params, need_params, need_input, None)
+    value, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, None)
     after = [b.clone() for b in live]
     with torch.no_grad():
         for b, old in zip(live, before):
@@ -71,7 +107,7 @@ def _(x, params, labels, buffers, handle, need_params, need_input):
 def penalty_grads(x: Tensor, params: List[Tensor], labels: Optional[Tensor], weight: Tensor, handle: int,
                   need_params: List[bool], need_input: bool) -> Tuple[Tensor, List[Tensor]]:
     """``∇ Σ_b weight_b R_b`` (``reduction="none"``): ``(∇x, [∇θ per parameter])``, recomputed with those weights."""
-    _, gx, gps = _module(handle)._value_and_grads(x, labels, params, need_params, need_input, weight)
+    _, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, weight)
     return gx, gps
 
 

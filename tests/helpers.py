@@ -4,7 +4,7 @@ import contextlib
 import torch
 
 from dbprop import fallback
-from dbprop.autograd import reduce
+from dbprop.core import reduce
 
 
 def grads_of(value, model, x):

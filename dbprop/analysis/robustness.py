@@ -1,6 +1,6 @@
 """Saliency and robustness measurements (Etmann, Lunz, Maass, Schönlieb, ICML 2019), per sample and batched.
 
-All C input gradients come from ONE batched backward pass of the stage program (directions e_1..e_C stacked
+All C input gradients come from ONE batched backward pass of the program (directions e_1..e_C stacked
 along the batch); unsupported models go through autograd. Notation: Ψ the logits, i* = F(x) the predicted
 class, g^i = ∇x Ψ^i(x).
 """
