@@ -140,6 +140,16 @@ def dbprop_jacobian(model, x, y, spec, chunk_size=None):
     return p.detach()
 
 
+def dbprop_jacobian_aten(model, x, y, spec):
+    """dbprop with every convolution product through oneDNN (formulation timing off): the state before issue 16."""
+    from dbprop import formulation
+    formulation.set_tuning(False)
+    try:
+        return dbprop_jacobian(model, x, y, spec)
+    finally:
+        formulation.set_tuning(True)
+
+
 def dbprop_jacobian_chunk1(model, x, y, spec):
     return dbprop_jacobian(model, x, y, spec, chunk_size=1)
 
@@ -183,7 +193,7 @@ def dbprop_wgan_gp(model, x, y, spec):
     return gp.detach()
 
 
-CONTENDERS = {f.__name__: f for f in (plain, autograd_jacobian, dbprop_jacobian, dbprop_jacobian_chunk1,
+CONTENDERS = {f.__name__: f for f in (plain, autograd_jacobian, dbprop_jacobian, dbprop_jacobian_aten, dbprop_jacobian_chunk1,
                                       autograd_double_backprop, dbprop_double_backprop, autograd_wgan_gp,
                                       dbprop_wgan_gp)}
 PAIRS = {"dbprop_jacobian": "autograd_jacobian", "dbprop_jacobian_chunk1": "autograd_jacobian",

@@ -59,20 +59,6 @@ def _batchnorm_apply(qs: Tensor, xhat: Tensor, m_q: Tensor, w: Tensor, scale: Te
 
 
 # ------------------------------------------------------------------------------------------ activations
-#: The smooth activations: kernel name (its row of DBPROP_SMOOTH_ACTIVATIONS in csrc/kernels/activations.h, checked
-#: on import) -> the torch function ``g(z, p1, p2)`` its kernels must equal.
-SMOOTH_ACTIVATIONS: Dict[str, Callable[[Tensor, float, float], Tensor]] = {
-    "gelu": lambda z, p1, p2: F.gelu(z),
-    "gelu_tanh": lambda z, p1, p2: F.gelu(z, approximate="tanh"),
-    "silu": lambda z, p1, p2: F.silu(z),
-    "elu": lambda z, alpha, p2: F.elu(z, alpha),
-    "softplus": lambda z, beta, threshold: F.softplus(z, beta, threshold),
-    "tanh": lambda z, p1, p2: torch.tanh(z),
-    "sigmoid": lambda z, p1, p2: torch.sigmoid(z),
-    "mish": lambda z, p1, p2: F.mish(z),
-}
-
-
 @dataclass(frozen=True)
 class Smooth:
     """A smooth coordinate-wise activation: ``name`` is its kernel in ``csrc/kernels/activations.h``,
@@ -82,6 +68,46 @@ class Smooth:
     fn: Callable[[Tensor], Tensor]
     p1: float = 0.0
     p2: float = 0.0
+
+
+@dataclass(frozen=True)
+class SmoothKind:
+    """One row of :data:`SMOOTH_ACTIVATIONS`: the torch function ``g(z, p1, p2)`` the kernels must equal, the module
+    type it covers (``applies``: which of its instances), how the module gives ``(p1, p2)``, and the functional
+    forms that build that module from their keyword arguments."""
+
+    fn: Callable[[Tensor, float, float], Tensor]
+    module: type
+    params: Callable[[nn.Module], Tuple[float, float]] = lambda m: (0.0, 0.0)
+    applies: Callable[[nn.Module], bool] = lambda m: True
+    functions: Tuple[Callable, ...] = ()
+
+
+#: The smooth activations, one row each: kernel name (its row of DBPROP_SMOOTH_ACTIVATIONS in
+#: csrc/kernels/activations.h, checked on import) -> :class:`SmoothKind`.
+SMOOTH_ACTIVATIONS: Dict[str, SmoothKind] = {
+    "gelu": SmoothKind(lambda z, p1, p2: F.gelu(z), nn.GELU, applies=lambda m: m.approximate == "none",
+                       functions=(F.gelu,)),
+    "gelu_tanh": SmoothKind(lambda z, p1, p2: F.gelu(z, approximate="tanh"), nn.GELU,
+                            applies=lambda m: m.approximate == "tanh"),
+    "silu": SmoothKind(lambda z, p1, p2: F.silu(z), nn.SiLU, functions=(F.silu,)),
+    "elu": SmoothKind(lambda z, alpha, p2: F.elu(z, alpha), nn.ELU, params=lambda m: (float(m.alpha), 0.0),
+                      functions=(F.elu,)),
+    "softplus": SmoothKind(lambda z, beta, threshold: F.softplus(z, beta, threshold), nn.Softplus,
+                           params=lambda m: (float(m.beta), float(m.threshold)), functions=(F.softplus,)),
+    "tanh": SmoothKind(lambda z, p1, p2: torch.tanh(z), nn.Tanh, functions=(torch.tanh, F.tanh)),
+    "sigmoid": SmoothKind(lambda z, p1, p2: torch.sigmoid(z), nn.Sigmoid, functions=(torch.sigmoid, F.sigmoid)),
+    "mish": SmoothKind(lambda z, p1, p2: F.mish(z), nn.Mish, functions=(F.mish,)),
+}
+
+
+def smooth_of(m: nn.Module) -> "Smooth":
+    """The :class:`Smooth` activation of module ``m`` (its row of :data:`SMOOTH_ACTIVATIONS`)."""
+    for name, row in SMOOTH_ACTIVATIONS.items():
+        if type(m) is row.module and row.applies(m):
+            p1, p2 = row.params(m)
+            return Smooth(name, lambda z, fn=row.fn, p1=p1, p2=p2: fn(z, p1, p2), p1, p2)
+    raise KeyError(f"no smooth activation covers {type(m).__name__}")
 
 
 @dataclass(frozen=True)
@@ -175,9 +201,17 @@ class RunContext:
 
 # ----------------------------------------------------------------------------------------------- base
 class Op:
-    """A node kind. ``name`` is where it came from in the model (module path or traced call)."""
+    """A node kind. ``name`` is where it came from in the model (module path or traced call).
+
+    A kind declares what it covers (the front-end, dbprop/program.py, reads these): ``modules``, the module types
+    that become this node (built by ``from_module(name, module)``), ``functions`` and ``methods``, functional forms
+    and tensor methods mapped to the module type they stand for (built from their keyword arguments), and
+    ``chain_kinds``, the rows of the native chain driver's table its ``descriptor()`` may return."""
 
     kind = "op"
+    modules: Tuple[type, ...] = ()
+    functions: Dict[Callable, type] = {}
+    methods: Dict[str, type] = {}
     chain_kinds: Tuple[str, ...] = ()  # the names its ``descriptor()`` may return (DBPROP_CHAIN_KINDS rows)
     native = True        # runs through ATen / the element kernels (False: local autograd, an opaque node)
     has_source = False   # A depends on the forward point (smooth activations, train BN, opaque nodes)
@@ -185,6 +219,10 @@ class Op:
     def __init__(self, name: str, module: Optional[nn.Module] = None) -> None:
         self.name = name
         self.module = module
+
+    @classmethod
+    def from_module(cls, name: str, module: nn.Module) -> "Op":
+        return cls(name, module)
 
     def params(self) -> List[Tensor]:
         """The parameters ``θ`` of this node (live tensors of its module)."""
@@ -306,6 +344,7 @@ class Linear(Affine):
     """``K(W, x) = x Wᵀ``, ``Kᵀ(W, c) = c W``, ``K□(x, c) = cᵀ x`` (over all leading dims)."""
 
     chain_kinds = ("linear",)
+    modules = (nn.Linear,)
 
     def forward(self, x, ctx):
         return F.linear(x, self.weight, self.bias), (x if ctx.keep_inputs else None, x.shape)
@@ -336,6 +375,7 @@ class Conv(Affine):
     """
 
     chain_kinds = ("conv",)
+    modules = (nn.Conv1d, nn.Conv2d)
 
     def __init__(self, name, module):
         super().__init__(name, module)
@@ -384,6 +424,7 @@ class BatchNorm(Unary):
     ``saved`` is ``(x̂ or x, 1/σ per channel, batch statistics?)``."""
 
     kind = "batchnorm"
+    modules = (nn.BatchNorm1d, nn.BatchNorm2d)
 
     @property
     def batch_stats(self) -> bool:
@@ -478,10 +519,28 @@ class PiecewiseLinearActivation(Unary):
 
     kind = "piecewise-linear"
     chain_kinds = ("activation",)  # (leaky) ReLU only
+    modules = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+    functions = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU,
+                 F.hardtanh: nn.Hardtanh}
+    methods = {"relu": nn.ReLU, "relu_": nn.ReLU}
 
     def __init__(self, name, module, act: PiecewiseLinear):
         super().__init__(name, module)
         self.act = act
+
+    @classmethod
+    def from_module(cls, name, m):
+        if isinstance(m, nn.LeakyReLU):
+            s = float(m.negative_slope)
+            act = PiecewiseLinear(lambda z: F.leaky_relu(z, s), slope=s)
+        elif isinstance(m, nn.ReLU6):
+            act = PiecewiseLinear(F.relu6, 0.0, 6.0)
+        elif isinstance(m, nn.Hardtanh):
+            lo, hi = float(m.min_val), float(m.max_val)
+            act = PiecewiseLinear(lambda z: F.hardtanh(z, lo, hi), lo, hi)
+        else:
+            act = PiecewiseLinear(F.relu)
+        return cls(name, m, act)
 
     def forward(self, z, ctx):
         return ctx.kernels.piecewise_forward(z, self.act)
@@ -501,10 +560,17 @@ class SmoothActivation(Unary):
 
     kind = "smooth"
     has_source = True
+    modules = tuple(dict.fromkeys(row.module for row in SMOOTH_ACTIVATIONS.values()))
+    functions = {f: row.module for row in SMOOTH_ACTIVATIONS.values() for f in row.functions}
+    methods = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
     def __init__(self, name, module, act: Smooth):
         super().__init__(name, module)
         self.act = act
+
+    @classmethod
+    def from_module(cls, name, m):
+        return cls(name, m, smooth_of(m))
 
     def forward(self, z, ctx):
         return ctx.kernels.smooth_forward(z, self.act)
@@ -524,6 +590,7 @@ class Identity(Unary):
 
     kind = "identity"
     chain_kinds = ("identity",)
+    modules = (nn.Identity,)
 
     def forward(self, x, ctx):
         return x, None
@@ -542,6 +609,7 @@ class Dropout(Unary):
 
     kind = "dropout"
     chain_kinds = ("dropout", "identity")  # identity in eval mode
+    modules = (nn.Dropout,)
 
     def _active(self) -> bool:
         return self.module.training and self.module.p > 0.0
@@ -572,11 +640,17 @@ class Reshape(Unary):
 
     kind = "reshape"
     chain_kinds = ("flatten",)  # flatten only
+    modules = (nn.Flatten, nn.Unflatten)
 
     def __init__(self, name, fn: Callable[[Sequence[Tensor], Mapping], Tensor],
                  flatten_dims: Optional[Tuple[int, int]] = None):
         super().__init__(name)
         self.fn, self.flatten_dims = fn, flatten_dims
+
+    @classmethod
+    def from_module(cls, name, m):
+        dims = (m.start_dim, m.end_dim) if isinstance(m, nn.Flatten) else None
+        return cls(name, lambda tensors, values: m(*tensors), dims)
 
     def forward(self, x, ctx):
         y = self.fn([x], ctx.values)
@@ -609,6 +683,8 @@ class MaxPool(Unary):
 
     kind = "maxpool"
     chain_kinds = ("maxpool",)
+    modules = (nn.MaxPool1d, nn.MaxPool2d)
+    functions = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d}
 
     def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
         super().__init__(name, module)
@@ -617,6 +693,10 @@ class MaxPool(Unary):
         self.kernel, self.stride = _as_2d(kernel_size, one_d), _as_2d(stride, one_d)
         self.padding, self.dilation = _as_2d(padding, one_d, 0), _as_2d(dilation, one_d)
         self.ceil_mode = bool(ceil_mode)
+
+    @classmethod
+    def from_module(cls, name, m):
+        return cls(name, m, isinstance(m, nn.MaxPool1d), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
     def forward(self, x, ctx):
         xx = x.unsqueeze(2) if self.one_d else x
@@ -647,6 +727,8 @@ class AvgPool(Unary):
 
     kind = "avgpool"
     chain_kinds = ("avgpool",)
+    modules = (nn.AvgPool1d, nn.AvgPool2d)
+    functions = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d}
 
     def __init__(self, name, module, one_d: bool, kernel_size, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, divisor_override=None):
@@ -657,6 +739,12 @@ class AvgPool(Unary):
         self.padding = _as_2d(padding, one_d, 0)
         self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
         self.divisor = divisor_override
+
+    @classmethod
+    def from_module(cls, name, m):
+        one_d = isinstance(m, nn.AvgPool1d)
+        return cls(name, m, one_d, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                   None if one_d else m.divisor_override)
 
     def _as2d(self, t: Tensor) -> Tensor:
         return t.unsqueeze(2) if self.one_d else t
@@ -685,6 +773,12 @@ class AdaptiveAvgPool(Unary):
     """Adaptive average pool (global pooling included); ``Rᵀ`` is ``aten._adaptive_avg_pool2d_backward``."""
 
     kind = "adaptive-avgpool"
+    modules = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+    functions = {F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
+
+    @classmethod
+    def from_module(cls, name, m):
+        return cls(name, m, isinstance(m, nn.AdaptiveAvgPool1d), m.output_size)
 
     def __init__(self, name, module, one_d: bool, output_size):
         super().__init__(name, module)
@@ -800,15 +894,20 @@ def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
     return t.new_zeros(_rows(shape, rows))
 
 
-def chain_kinds() -> Tuple[str, ...]:
-    """The Python side of the native chain driver's kind table: every name some node's ``descriptor()`` returns
-    (checked on import against ``_C.chain_kinds()``, csrc/program.h)."""
-    names, todo = [], [Op]
+def node_kinds() -> List[type]:
+    """Every node kind (subclass of :class:`Op`), parents before children."""
+    kinds, todo = [], [Op]
     while todo:
         cls = todo.pop(0)
         todo.extend(cls.__subclasses__())
-        names += [k for k in cls.chain_kinds if k not in names]
-    return tuple(names)
+        kinds.append(cls)
+    return kinds
+
+
+def chain_kinds() -> Tuple[str, ...]:
+    """The Python side of the native chain driver's kind table: every name some node's ``descriptor()`` returns
+    (checked on import against ``_C.chain_kinds()``, csrc/program.h)."""
+    return tuple(dict.fromkeys(k for cls in node_kinds() for k in cls.chain_kinds))
 
 
 class UnsupportedOp(RuntimeError):

@@ -32,71 +32,16 @@ from .penalties import check_input
 from .tuning import ChunkTuner
 
 # ------------------------------------------------------------------------------------- the kind table
-def _piecewise(fn, lo=0.0, hi=math.inf, slope=0.0) -> N.PiecewiseLinear:
-    return N.PiecewiseLinear(fn, float(lo), float(hi), float(slope))
+# Built from the node kinds' own declarations (``modules``, ``functions``, ``methods`` in dbprop/nodes.py): a
+# kind's matcher lives with its operators. Module types not covered become opaque nodes.
 
-
-def _relu_like(m: nn.Module) -> N.PiecewiseLinear:
-    if isinstance(m, nn.LeakyReLU):
-        s = float(m.negative_slope)
-        return _piecewise(lambda z: F.leaky_relu(z, s), slope=s)
-    if isinstance(m, nn.ReLU6):
-        return _piecewise(F.relu6, 0.0, 6.0)
-    if isinstance(m, nn.Hardtanh):
-        lo, hi = float(m.min_val), float(m.max_val)
-        return _piecewise(lambda z: F.hardtanh(z, lo, hi), lo, hi)
-    return _piecewise(F.relu)
-
-
-def _smooth(m: nn.Module) -> N.Smooth:
-    if isinstance(m, nn.GELU):
-        a = m.approximate
-        return N.Smooth("gelu" if a == "none" else "gelu_tanh", lambda z: F.gelu(z, approximate=a))
-    if isinstance(m, nn.ELU):
-        alpha = float(m.alpha)
-        return N.Smooth("elu", lambda z: F.elu(z, alpha), alpha)
-    if isinstance(m, nn.Softplus):
-        beta, threshold = float(m.beta), float(m.threshold)
-        return N.Smooth("softplus", lambda z: F.softplus(z, beta, threshold), beta, threshold)
-    name = {nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Mish: "mish"}[type(m)]
-    return N.Smooth(name, {"silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "mish": F.mish}[name])
-
-
-def _pool_args(m: nn.Module, names: Tuple[str, ...]) -> Dict[str, Any]:
-    return {n: getattr(m, n) for n in names}
-
-
-def _module_call(m: nn.Module):
-    """A module as the ``fn(tensors, values)`` of a node (docs/maths.md §4.4)."""
-    return lambda tensors, values: m(*tensors)
-
-
-#: module type -> node factory (name, module) -> Op. Types not listed become opaque nodes.
+#: module type -> node factory (name, module) -> Op
 MODULE_KINDS: Dict[type, Callable[[str, nn.Module], N.Op]] = {
-    nn.Linear: N.Linear,
-    nn.Conv1d: N.Conv,
-    nn.Conv2d: N.Conv,
-    nn.BatchNorm1d: N.BatchNorm,
-    nn.BatchNorm2d: N.BatchNorm,
-    **{t: (lambda name, m: N.PiecewiseLinearActivation(name, m, _relu_like(m)))
-       for t in (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)},
-    **{t: (lambda name, m: N.SmoothActivation(name, m, _smooth(m)))
-       for t in (nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Mish)},
-    nn.MaxPool1d: lambda name, m: N.MaxPool(name, m, True, **_pool_args(
-        m, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))),
-    nn.MaxPool2d: lambda name, m: N.MaxPool(name, m, False, **_pool_args(
-        m, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))),
-    nn.AvgPool1d: lambda name, m: N.AvgPool(name, m, True, **_pool_args(
-        m, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))),
-    nn.AvgPool2d: lambda name, m: N.AvgPool(name, m, False, **_pool_args(
-        m, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"))),
-    nn.AdaptiveAvgPool1d: lambda name, m: N.AdaptiveAvgPool(name, m, True, m.output_size),
-    nn.AdaptiveAvgPool2d: lambda name, m: N.AdaptiveAvgPool(name, m, False, m.output_size),
-    nn.Flatten: lambda name, m: N.Reshape(name, _module_call(m), (m.start_dim, m.end_dim)),
-    nn.Unflatten: lambda name, m: N.Reshape(name, _module_call(m)),
-    nn.Dropout: N.Dropout,
-    nn.Identity: lambda name, m: N.Identity(name, m),
-}
+    t: cls.from_module for cls in N.node_kinds() for t in cls.__dict__.get("modules", ())}
+#: functional form -> the module type it stands for (built from the call's keyword arguments)
+FUNCTION_KINDS: Dict[Callable, type] = {f: t for cls in N.node_kinds() for f, t in cls.__dict__.get("functions", {}).items()}
+#: tensor method (no arguments) -> the module type it stands for
+METHOD_KINDS: Dict[str, type] = {f: t for cls in N.node_kinds() for f, t in cls.__dict__.get("methods", {}).items()}
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -172,14 +117,6 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "t
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_FUNCTION_ACTIVATIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU,
-                         F.hardtanh: nn.Hardtanh, F.gelu: nn.GELU, F.silu: nn.SiLU, torch.tanh: nn.Tanh,
-                         F.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, F.elu: nn.ELU,
-                         F.softplus: nn.Softplus, F.mish: nn.Mish}
-_METHOD_ACTIVATIONS = {"relu": nn.ReLU, "relu_": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-_FUNCTION_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.avg_pool1d: nn.AvgPool1d,
-                   F.avg_pool2d: nn.AvgPool2d, F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
-                   F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
 
 
 def _has_node(a) -> bool:
@@ -301,8 +238,8 @@ class _Lowering:
             return make(str(node.target), m)
         target = node.target
         if node.op == "call_method":
-            if target in _METHOD_ACTIVATIONS and len(node.args) == 1 and not node.kwargs:
-                return MODULE_KINDS[_METHOD_ACTIVATIONS[target]](name, _METHOD_ACTIVATIONS[target]())
+            if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
+                return MODULE_KINDS[METHOD_KINDS[target]](name, METHOD_KINDS[target]())
             if target in _RESHAPE_METHODS:
                 return self._reshape(node, inputs, name)
             if target in ("add", "add_") and len(inputs) == 2 and len(node.args) == 2 and not node.kwargs:
@@ -336,16 +273,8 @@ class _Lowering:
                 kw.get("input") in inputs and len(inputs) == 1:
             kw.pop("input")
             kw.pop("inplace", None)
-            if target in _FUNCTION_ACTIVATIONS:
-                cls = _FUNCTION_ACTIVATIONS[target]
-                try:
-                    module = cls(**kw)
-                except TypeError:
-                    return self._opaque(node, inputs)
-                return MODULE_KINDS[cls](name, module)
-            if target in _FUNCTION_POOLS and not kw.get("return_indices", False):
-                cls = _FUNCTION_POOLS[target]
-                kw.pop("return_indices", None)
+            if target in FUNCTION_KINDS and not kw.pop("return_indices", False):
+                cls = FUNCTION_KINDS[target]
                 try:
                     module = cls(**kw)
                 except TypeError:

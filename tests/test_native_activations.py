@@ -8,27 +8,29 @@ import torch.nn.functional as F
 try:
     from dbprop import _C
     from dbprop import native_ops
+    from dbprop.nodes import SMOOTH_ACTIVATIONS
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
 
-# name -> (PyTorch function of (z, p1, p2), parameter sets (p1, p2) to test)
-REFERENCE = {
-    "gelu": (lambda z, p1, p2: F.gelu(z), [(0.0, 0.0)]),
-    "gelu_tanh": (lambda z, p1, p2: F.gelu(z, approximate="tanh"), [(0.0, 0.0)]),
-    "silu": (lambda z, p1, p2: F.silu(z), [(0.0, 0.0)]),
-    "elu": (lambda z, p1, p2: F.elu(z, alpha=p1), [(1.0, 0.0), (0.7, 0.0), (2.5, 0.0)]),
-    "softplus": (lambda z, p1, p2: F.softplus(z, beta=p1, threshold=p2),
-                 [(1.0, 20.0), (2.0, 20.0), (0.5, 5.0), (2.0, 3.0), (-1.5, 20.0)]),
-    "tanh": (lambda z, p1, p2: torch.tanh(z), [(0.0, 0.0)]),
-    "sigmoid": (lambda z, p1, p2: torch.sigmoid(z), [(0.0, 0.0)]),
-    "mish": (lambda z, p1, p2: F.mish(z), [(0.0, 0.0)]),
+# an activation's test case: the parameter sets (p1, p2) its kernels are checked at, against autograd of the
+# torch function of its declaration (dbprop.nodes.SMOOTH_ACTIVATIONS)
+PARAMETERS = {
+    "gelu": [(0.0, 0.0)],
+    "gelu_tanh": [(0.0, 0.0)],
+    "silu": [(0.0, 0.0)],
+    "elu": [(1.0, 0.0), (0.7, 0.0), (2.5, 0.0)],
+    "softplus": [(1.0, 20.0), (2.0, 20.0), (0.5, 5.0), (2.0, 3.0), (-1.5, 20.0)],
+    "tanh": [(0.0, 0.0)],
+    "sigmoid": [(0.0, 0.0)],
+    "mish": [(0.0, 0.0)],
 }
+REFERENCE = {name: (row.fn, PARAMETERS[name]) for name, row in SMOOTH_ACTIVATIONS.items() if name in PARAMETERS}
 CASES = [(name, p1, p2) for name, (_, params) in REFERENCE.items() for p1, p2 in params]
 K = 3  # stacked copies (directions)
 
 
 def test_every_native_activation_is_tested():
-    assert sorted(_C.activation_names()) == sorted(REFERENCE)
+    assert sorted(_C.activation_names()) == sorted(PARAMETERS) == sorted(SMOOTH_ACTIVATIONS)
 
 
 def draw_z(name, p1, p2, dtype=torch.float64, seed=0):

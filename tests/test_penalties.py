@@ -87,3 +87,19 @@ def test_gradient_penalty_needs_scalar_critic():
     model, shape = build("mlp")
     with pytest.raises(ValueError, match="scalar critic"):
         dbprop.GradientPenalty(model)(draw_input(model, shape))
+
+
+ABSTRACT_HEADS = {P.Penalty, P.SquaredNorm, P._LabelledLogits}
+#: heads whose case lives in its own test above (scalar critics only)
+OWN_TESTS = {P.GradientNorm: test_gradient_penalty_matches_autograd}
+
+
+def test_every_head_has_a_case():
+    heads, todo = set(), [P.Penalty]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__ == P.__name__:  # not the heads tests define for themselves
+            heads.add(cls)
+    covered = {type(head(3)) for _, head in CASES.values()} | set(OWN_TESTS)
+    assert heads - ABSTRACT_HEADS <= covered, f"penalty heads without a case: {heads - ABSTRACT_HEADS - covered}"

@@ -1,0 +1,121 @@
+"""The registry of node-kind cases: every node kind of dbprop/nodes.py has a small odd-shaped float64 model that
+compiles to a node of that kind, and each case's exact Jacobian penalty (softmax output: η_L, mixed terms and
+sources all non-zero) equals reverse-over-reverse autograd double backprop, value and all gradients, on every
+backend and device (CUDA: the same cases, skipped without a GPU)."""
+import pytest
+import torch
+from torch import nn
+
+import dbprop
+from dbprop import fallback, nodes
+from dbprop import functional as Fn
+from dbprop import penalties as P
+
+from helpers import assert_grads_close, grads_of
+
+BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)) + self.b(x)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return torch.cat([torch.sigmoid(self.a(x)), self.b(x)], 1)
+
+
+class MeanOverSpace(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class ViewFlat(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def _seq(*layers):
+    return lambda: nn.Sequential(*layers)
+
+
+#: kind -> {case name: (model factory, per-sample input shape)}; the models end in a Linear with C outputs
+CASES = {
+    nodes.Linear: {"mlp": (_seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (5,))},
+    nodes.Conv: {"conv2d": (_seq(nn.Conv2d(2, 3, 3, 2, 1), nn.GELU(), nn.Flatten(), nn.Linear(3 * 3 * 2, 3)), (2, 5, 4)),
+                 "conv1d": (_seq(nn.Conv1d(2, 3, 2, dilation=2), nn.SiLU(), nn.Flatten(), nn.Linear(15, 3)), (2, 7))},
+    nodes.BatchNorm: {
+        "train": (_seq(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)), (2, 4, 4)),
+        "eval": (lambda: nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ELU(), nn.Linear(5, 3)).eval(), (4,))},
+    nodes.PiecewiseLinearActivation: {
+        name: (_seq(nn.Linear(4, 6), act, nn.Linear(6, 3)), (4,))
+        for name, act in [("relu", nn.ReLU()), ("leaky", nn.LeakyReLU(0.2)), ("relu6", nn.ReLU6()),
+                          ("hardtanh", nn.Hardtanh(-0.5, 0.7))]},
+    nodes.SmoothActivation: {
+        name: (_seq(nn.Linear(4, 6), module, nn.Linear(6, 3)), (4,))
+        for name, module in [("gelu", nn.GELU()), ("gelu_tanh", nn.GELU("tanh")), ("silu", nn.SiLU()),
+                             ("elu", nn.ELU(0.7)), ("softplus", nn.Softplus(2.0, 3.0)), ("tanh", nn.Tanh()),
+                             ("sigmoid", nn.Sigmoid()), ("mish", nn.Mish())]},
+    nodes.Identity: {"identity": (_seq(nn.Linear(4, 5), nn.Identity(), nn.Tanh(), nn.Linear(5, 3)), (4,))},
+    nodes.Dropout: {"eval": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.4),
+                                                   nn.Linear(5, 3)).eval(), (4,))},
+    nodes.Reshape: {"flatten": (_seq(nn.Conv1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)), (2, 3)),
+                    "view": (_seq(nn.Conv1d(2, 2, 2), nn.Tanh(), ViewFlat(), nn.Linear(4, 3)), (2, 3))},
+    nodes.MaxPool: {"2d": (_seq(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.MaxPool2d(2, 1), nn.Flatten(), nn.Linear(8, 3)),
+                           (1, 4, 4)),
+                    "1d": (_seq(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.MaxPool1d(3, 2, 1), nn.Flatten(), nn.Linear(6, 3)),
+                           (1, 6))},
+    nodes.AvgPool: {"2d": (_seq(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.AvgPool2d(2, 1, ceil_mode=True), nn.Flatten(),
+                                nn.Linear(8, 3)), (1, 4, 4))},
+    nodes.AdaptiveAvgPool: {"2d": (_seq(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.AdaptiveAvgPool2d((2, 1)), nn.Flatten(),
+                                        nn.Linear(4, 3)), (1, 5, 4))},
+    nodes.Mean: {"spatial": (_seq(nn.Conv2d(1, 4, 2), nn.Softplus(), MeanOverSpace(), nn.Linear(4, 3)), (1, 3, 4))},
+    nodes.Add: {"residual": (_seq(nn.Conv2d(2, 2, 1), Residual(2), nn.Flatten(), nn.Linear(18, 3)), (2, 3, 3))},
+    nodes.Cat: {"cat": (_seq(Concat(), nn.Tanh(), nn.Linear(5, 3)), (5,))},
+    nodes.Opaque: {"layernorm": (_seq(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), (4,))},
+}
+ABSTRACT = {nodes.Op, nodes.Unary, nodes.Affine}
+PARAMS = [(kind, name) for kind, cases in CASES.items() for name in cases]
+
+
+def test_every_node_kind_has_a_case():
+    kinds = {cls for cls in nodes.node_kinds() if cls.__module__ == nodes.__name__} - ABSTRACT
+    assert kinds <= set(CASES), f"node kinds without a case: {sorted(k.__name__ for k in kinds - set(CASES))}"
+
+
+def _build(kind, name, device):
+    torch.manual_seed(11)
+    make, shape = CASES[kind][name]
+    model = make().double().to(device)
+    x = torch.randn(3, *shape, dtype=torch.float64, device=device) * 1.3
+    return model, x
+
+
+@pytest.mark.parametrize("kind,name", PARAMS, ids=[f"{k.__name__}-{n}" for k, n in PARAMS])
+def test_case_compiles_to_its_kind(kind, name):
+    model, x = _build(kind, name, "cpu")
+    assert any(type(op) is kind for op in dbprop.compile_model(model).ops)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,name", PARAMS, ids=[f"{k.__name__}-{n}" for k, n in PARAMS])
+def test_case_matches_reverse_over_reverse_autograd(kind, name, backend, device):
+    model, x = _build(kind, name, device)
+    x.requires_grad_(True)
+    value = Fn.jacobian_penalty(model, x, output="softmax", backend=backend, strict=True)
+    got = grads_of(value, model, x)
+    ref = fallback.autograd_penalty(model, P.JacobianFrobenius("softmax"), x).mean()
+    want = grads_of(ref, model, x)
+    torch.testing.assert_close(value.detach(), ref.detach(), rtol=1e-10, atol=0)
+    assert_grads_close(got, want, rtol=1e-9)
