@@ -9,7 +9,11 @@ where most kernel taps read padding. The formulations here:
 * ``dense``      small maps: the convolution as the dense matrix ``T(W)`` of shape ``(C_out·P_out, C_in·P_in)``
                  (P: spatial positions), ``K = x T(W)ᵀ``, ``Kᵀ = ξ T(W)``, ``K□ = S(ξᵀ x)``: three GEMMs with no
                  padding taps; ``S`` is the adjoint of ``W ↦ T(W)`` (a sum over the position pairs of each tap);
-* ``pointwise``  1×1 kernels without padding: channel GEMMs over the (strided) positions.
+* ``pointwise``  1×1 kernels without padding: channel GEMMs over the (strided) positions;
+* ``flipped``    ``Kᵀ`` of a stride-1 convolution as a forward convolution with the flipped, channel-swapped kernel;
+* ``swapped``    ``K□`` as a forward convolution with batch and channels swapped (stride and dilation exchanged).
+
+A formulation implements the products it lists in ``products``; ``aten`` implements all three.
 
 Like ``torch.backends.cudnn.benchmark`` (and ``chunk_size=None``, dbprop/tuning.py), the first product of a
 shape (product, geometry, per-sample input shape, weight shape, rows, dtype, device) in the process times every
@@ -79,12 +83,30 @@ class ConvGeometry:
         return (n + lo + hi - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
 
 
+class WeightCache:
+    """``f(W)`` for the live weight, rebuilt when ``W`` changes (storage or version counter: an optimizer step)."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
+        self.f, self._entry, self._lock = f, None, threading.Lock()
+
+    def __call__(self, w: Tensor) -> Tensor:
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        with self._lock:
+            value = self.f(w.detach())
+            self._entry = (key, value)
+        return value
+
+
 # ------------------------------------------------------------------------------------------------ aten
 class Aten:
     """oneDNN / cuDNN through ATen. Asymmetric padding is applied explicitly (pad, then an unpadded
     convolution; crop in ``Kᵀ``)."""
 
     name = "aten"
+    products = PRODUCTS
 
     def __init__(self, g: ConvGeometry) -> None:
         self.g = g
@@ -132,6 +154,7 @@ class Dense:
     changes (its version counter), so every product reads the live weight."""
 
     name = "dense"
+    products = PRODUCTS
 
     def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
         self.g = g
@@ -141,8 +164,7 @@ class Dense:
         self.taps = math.prod(g.kernel)
         self.tap = _tap_index(g, spatial, self.out_spatial)           # (P_out, P_in), ``taps`` where none
         self.p_out, self.p_in = self.tap.shape
-        self._T: Optional[Tuple[int, int, torch.dtype, torch.device, Tensor]] = None
-        self._lock = threading.Lock()
+        self.matrix = WeightCache(self._matrix)  # T(W), per weight version
 
     @staticmethod
     def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
@@ -150,19 +172,11 @@ class Dense:
         p_out = math.prod(g.out_size(n, i) for i, n in enumerate(in_shape[2:]))
         return g.groups == 1 and p_out * p_in <= DENSE_PAIRS_PER_TAP * math.prod(g.kernel)
 
-    def matrix(self, w: Tensor) -> Tensor:
-        """``T(W)``, cached per weight version."""
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        cached = self._T
-        if cached is not None and cached[:4] == key:
-            return cached[4]
-        with self._lock:
-            tap = self.tap.to(w.device)
-            wf = torch.cat([w.detach().reshape(self.c_out, self.c_in, self.taps),
-                            w.new_zeros(self.c_out, self.c_in, 1)], 2)          # tap ``taps`` reads 0
-            T = wf[:, :, tap].permute(0, 2, 1, 3).reshape(self.c_out * self.p_out, self.c_in * self.p_in)
-            self._T = (*key, T)
-        return T
+    def _matrix(self, w: Tensor) -> Tensor:
+        tap = self.tap.to(w.device)
+        wf = torch.cat([w.reshape(self.c_out, self.c_in, self.taps), w.new_zeros(self.c_out, self.c_in, 1)], 2)
+        # tap index ``taps`` (no tap joins the two positions) reads the appended zero
+        return wf[:, :, tap].permute(0, 2, 1, 3).reshape(self.c_out * self.p_out, self.c_in * self.p_in)
 
     def K(self, w: Tensor, q: Tensor) -> Tensor:
         return q.reshape(q.shape[0], -1).mm(self.matrix(w).t()).view(q.shape[0], self.c_out, *self.out_spatial)
@@ -204,6 +218,7 @@ class Pointwise:
     ``Wᵀ ξ`` back to them (zeros elsewhere), ``K□ = Σ ξ x_sᵀ``."""
 
     name = "pointwise"
+    products = PRODUCTS
 
     def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
         self.g = g
@@ -240,7 +255,55 @@ class Pointwise:
         return c2.mm(x2.t()).view(w.shape)
 
 
-FORMULATIONS = (Aten, Dense, Pointwise)
+# ----------------------------------------------------------------------------- forward-convolution forms
+class Flipped:
+    """``Kᵀ`` of a stride-1 convolution as a forward convolution: ``Kᵀ(W, ξ) = K(W̃, ξ)`` with ``W̃[i, o, t] =
+    W[o, i, k−1−t]`` (flipped taps, channels swapped) and padding ``d(k−1) − lo`` low, ``d(k−1) − hi`` high."""
+
+    name = "flipped"
+    products = ("Kt",)
+
+    def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
+        self.g = g
+        pads = [(d * (k - 1) - lo, d * (k - 1) - hi) for (lo, hi), d, k in zip(g.pads, g.dilation, g.kernel)]
+        self.aten = Aten(ConvGeometry(g.dim, g.kernel, g.stride, g.dilation, 1, tuple(pads)))
+        self.flipped = WeightCache(lambda w: w.flip(list(range(2, w.dim()))).transpose(0, 1).contiguous())
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        return g.groups == 1 and all(s == 1 for s in g.stride) and all(
+            lo <= d * (k - 1) and hi <= d * (k - 1) for (lo, hi), d, k in zip(g.pads, g.dilation, g.kernel))
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        return self.aten.K(self.flipped(w), c)
+
+
+class Swapped:
+    """``K□`` as a forward convolution with batch and channels swapped: ``K□(x, ξ)[o, i, t] = Σ_n Σ_p ξ[n, o, p]
+    x̄[n, i, p·s + t·d]`` (x̄: x zero-padded) is the convolution of ``x̄`` viewed as ``(C_in, N, ...)`` with the kernel
+    ``ξ`` viewed as ``(C_out, N, ...)``, stride ``d`` and dilation ``s``, cropped to the kernel size."""
+
+    name = "swapped"
+    products = ("Kbox",)
+
+    def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
+        self.g = g
+        self.pad = [p for lo_hi in reversed(g.pads) for p in lo_hi]  # F.pad order
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        return g.groups == 1
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        g = self.g
+        xt = F.pad(x, self.pad).transpose(0, 1)
+        y = torch.convolution(xt, c.transpose(0, 1), None, list(g.dilation), [0] * g.dim, list(g.stride), False,
+                              [0] * g.dim, 1)
+        crop = (slice(None), slice(None)) + tuple(slice(0, k) for k in g.kernel)
+        return y[crop].transpose(0, 1).contiguous()
+
+
+FORMULATIONS = (Aten, Dense, Pointwise, Flipped, Swapped)
 _forced: Optional[str] = None
 
 
@@ -282,17 +345,18 @@ class ConvProducts:
             impl = self._impls.setdefault(key, cls(self.g, in_shape, w_shape))
         return impl
 
-    def _candidates(self, in_shape: Sequence[int], w: Tensor):
-        return [self._impl(cls, in_shape, w.shape) for cls in FORMULATIONS if cls.applies(self.g, in_shape)]
+    def _candidates(self, product: str, in_shape: Sequence[int], w: Tensor):
+        return [self._impl(cls, in_shape, w.shape) for cls in FORMULATIONS
+                if product in cls.products and cls.applies(self.g, in_shape)]
 
     def _run(self, product: str, in_shape: Sequence[int], w: Tensor, rows: int, dtype, device,
              call: Callable[[object], Tensor]) -> Tensor:
         if _forced is not None:
-            impls = [i for i in self._candidates(in_shape, w) if i.name == _forced]
+            impls = [i for i in self._candidates(product, in_shape, w) if i.name == _forced]
             return call(impls[0] if impls else self.aten)
         if not tuning_enabled():
             return call(self.aten)
-        candidates = self._candidates(in_shape, w)
+        candidates = self._candidates(product, in_shape, w)
         if len(candidates) == 1:
             return call(self.aten)
         key = (product, tuple(in_shape[1:]), rows, dtype, str(device))

@@ -57,8 +57,11 @@ def test_every_formulation_equals_aten(make, shape):
     assert FM.Aten in applicable
     for cls in applicable:
         f = prods._impl(cls, in_shape, w.shape)
-        got = (f.K(w, x), f.Kt(w, c, in_shape), f.Kbox(w, x, c))
-        for name, a, b in zip(FM.PRODUCTS, got, ref):
+        run = {"K": lambda: f.K(w, x), "Kt": lambda: f.Kt(w, c, in_shape), "Kbox": lambda: f.Kbox(w, x, c)}
+        for name, b in zip(FM.PRODUCTS, ref):
+            if name not in cls.products:
+                continue
+            a = run[name]()
             assert a.shape == b.shape, (cls.name, name)
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), (cls.name, name, (a - b).abs().max())
 

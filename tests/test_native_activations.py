@@ -3,7 +3,6 @@ g'(z) ⊙ c (activation_derivative_multiply) and Σ_copies g''(z) ⊙ ξ ⊙ q (
 extension knows, in float64 (to 1e-12), in low precision against float64, argument checks, and CPU/CUDA parity."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 try:
     from dbprop import _C
