@@ -904,8 +904,8 @@ def split_item(x: Tensor, item: int, how: str, *args: Any, **kwargs: Any) -> Ten
 
 class Route(Unary):
     """A fixed permutation or selection of each sample's entries (docs/maths.md §4.12): ``permute``,
-    ``transpose``, ``.T`` / ``.mT``, ``movedim``, ``narrow``, ``select``, indexing by integers, slices, ``None``
-    and ``Ellipsis``, an item of ``chunk`` / ``split`` / ``unbind`` (:func:`split_item`).
+    ``transpose``, ``.T`` / ``.mT``, ``movedim``, ``flip``, ``roll``, ``diagonal``, ``narrow``, ``select``, indexing
+    by integers, slices, ``None`` and ``Ellipsis``, an item of ``chunk`` / ``split`` / ``unbind`` (:func:`split_item`).
 
     ``fn(tensors, values)`` is the traced call on ``[x]``. Each forward pass also runs it on the entries'
     indices: this gives the map as a gather, ``y[b].flat[j] = x[b].flat[π(j)]``, and proves that every output

@@ -135,9 +135,10 @@ _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 # routing calls (docs/maths.md §4.12): targets (method names or functions) of Reshape and Route nodes
 _ORDER_KEEPING = {"squeeze", "unsqueeze", "unflatten", "contiguous", torch.squeeze, torch.unsqueeze, torch.unflatten}
-_ROUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "narrow", "select", "t",
-           torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
-           torch.moveaxis, torch.narrow, torch.select, torch.t, operator.getitem, N.split_item}
+_ROUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "narrow", "select", "t", "flip",
+           "roll", "diagonal", torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
+           torch.moveaxis, torch.narrow, torch.select, torch.t, torch.flip, torch.roll, torch.diagonal,
+           operator.getitem, N.split_item}
 _ROUTE_ATTRS = {"T", "mT", "H", "mH"}
 _SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 
@@ -174,8 +175,8 @@ def _specialise_defaults(model: nn.Module) -> Dict[str, Any]:
     params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     missing = [p.name for p in params if p.default is p.empty]
     if missing:
-        raise UnsupportedModelError(f"dbprop compiles models called as model(x); {type(model).__name__}.forward also "
-                                    f"takes {', '.join(missing)} without a default")
+        raise UnsupportedModelError(f"dbprop compiles models called as model(x) with one input; "
+                                    f"{type(model).__name__}.forward also takes {', '.join(missing)} without a default")
     return {p.name: p.default for p in params}
 
 
