@@ -191,8 +191,8 @@ def _drop_specialised(graph: fx.Graph) -> None:
             if n not in closure:
                 closure.append(n)
                 todo.extend(n.users)
-        if all(n.op in ("placeholder", "call_function") and (n is ph or n.target in (
-                torch._assert, operator.eq, torch.fx._symbolic_trace._assert_is_none)) for n in closure):
+        checks = (torch._assert, operator.eq, getattr(torch.fx._symbolic_trace, "_assert_is_none", torch._assert))
+        if all(n is ph or (n.op == "call_function" and n.target in checks) for n in closure):
             for n in reversed([n for n in graph.nodes if n in closure]):
                 graph.erase_node(n)
 
