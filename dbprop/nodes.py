@@ -894,6 +894,135 @@ def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
     return t.new_zeros(_rows(shape, rows))
 
 
+# ------------------------------------------------------------ routing: permutations, selections, drop paths
+def split_item(x: Tensor, item: int, how: str, *args: Any, **kwargs: Any) -> Tensor:
+    """``getattr(x, how)(*args, **kwargs)[item]``: one tensor of a ``chunk`` / ``split`` / ``unbind`` /
+    ``tensor_split`` result. The front-end rewrites ``x.chunk(2, 1)[i]`` into this call, so that each item is a
+    node with one tensor value (a :class:`Route`)."""
+    return getattr(x, how)(*args, **kwargs)[item]
+
+
+class Route(Unary):
+    """A fixed permutation or selection of each sample's entries (docs/maths.md §4.12): ``permute``,
+    ``transpose``, ``.T`` / ``.mT``, ``movedim``, ``flip``, ``roll``, ``diagonal``, ``narrow``, ``select``, indexing
+    by integers, slices, ``None`` and ``Ellipsis``, an item of ``chunk`` / ``split`` / ``unbind`` (:func:`split_item`).
+
+    ``fn(tensors, values)`` is the traced call on ``[x]``. Each forward pass also runs it on the entries'
+    indices: this gives the map as a gather, ``y[b].flat[j] = x[b].flat[π(j)]``, and proves that every output
+    row reads its own sample only, through the same ``π`` (a call that routes across the batch, e.g. indexing
+    dimension 0, is refused, so the ``k·B`` stacked class copies are exact). ``A q`` gathers through ``π``;
+    ``Aᵀ ξ`` gathers through ``π⁻¹``, reading a zero where no output reads the entry. No θ, source 0."""
+
+    kind = "route"
+
+    def __init__(self, name: str, fn: Callable[[Sequence[Tensor], Mapping], Tensor]) -> None:
+        super().__init__(name)
+        self.fn = fn
+
+    def forward(self, x, ctx):
+        y = self.fn([x], ctx.values)
+        B, n_in = x.shape[0], math.prod(x.shape[1:])
+        ids = self.fn([torch.arange(x.numel(), device=x.device).view(x.shape)], ctx.values)
+        if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != B or ids.shape != y.shape:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise UnsupportedOp(f"{self.name} routes across the batch dimension ({tuple(x.shape)} -> {shape}); "
+                                "dbprop needs every tensor to keep the batch first")
+        rel = ids.reshape(B, -1) - torch.arange(B, device=x.device).unsqueeze(1) * n_in
+        pi = rel[0]
+        if B and (bool(((rel < 0) | (rel >= n_in)).any()) or not bool((rel == pi).all())):
+            raise UnsupportedOp(f"{self.name} mixes the entries of different samples ({tuple(x.shape)} -> "
+                                f"{tuple(y.shape)}); dbprop needs each sample's values to stay in its own row")
+        positions = torch.arange(pi.numel(), device=x.device)
+        inverse = pi.new_full((n_in,), pi.numel())  # π⁻¹, pointing at an appended zero where nothing reads
+        inverse[pi] = positions
+        if not bool((inverse[pi] == positions).all()):
+            raise UnsupportedOp(f"{self.name} reads some entries twice; only permutations and selections are routes")
+        return y, (pi, inverse, x.shape, y.shape)
+
+    def linear(self, q, saved, K):
+        pi, _, _, out_shape = saved
+        return q.reshape(q.shape[0], -1).index_select(1, pi).view(_rows(out_shape, q.shape[0]))
+
+    def transpose(self, c, saved, K):
+        _, inverse, in_shape, _ = saved
+        return F.pad(c.reshape(c.shape[0], -1), (0, 1)).index_select(1, inverse).view(_rows(in_shape, c.shape[0]))
+
+
+class AdaptiveMaxPool(MaxPool):
+    """Adaptive max-pool (1-d as 2-d of height 1): routing through the forward's argmax, as :class:`MaxPool`
+    (docs/maths.md §4.5)."""
+
+    kind = "adaptive-maxpool"
+    chain_kinds = ()
+    modules = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+    functions = {F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d}
+
+    def __init__(self, name, module, one_d: bool, output_size):
+        Unary.__init__(self, name, module)
+        self.one_d = one_d
+        size = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size]
+        self.output_size = [1, size[0]] if one_d else (size if len(size) == 2 else size * 2)
+
+    @classmethod
+    def from_module(cls, name, m):
+        return cls(name, m, isinstance(m, nn.AdaptiveMaxPool1d), m.output_size)
+
+    def forward(self, x, ctx):
+        xx = x.unsqueeze(2) if self.one_d else x
+        size = [s if s is not None else xx.shape[2 + i] for i, s in enumerate(self.output_size)]
+        y, idx = F.adaptive_max_pool2d(xx, size, return_indices=True)
+        y = y.squeeze(2) if self.one_d else y
+        return y, (idx.flatten(2), x.shape, y.shape)
+
+    def descriptor(self):
+        return None
+
+
+class DropPath(Dropout):
+    """Stochastic depth: torchvision's ``StochasticDepth(p, mode)`` and timm's ``DropPath(drop_prob,
+    scale_by_keep)``, matched by class name and module path (``module_names``) so that neither is imported.
+    Eval mode or ``p = 0``: the identity. Train mode: as :class:`Dropout` (docs/maths.md §4.6), the mask drawn
+    once in the forward pass exactly as the module draws it (one Bernoulli(1 − p) per sample, or one per batch
+    in torchvision's ``mode="batch"``, divided by 1 − p) and reused by every other pass."""
+
+    kind = "drop-path"
+    chain_kinds = ("identity",)  # eval mode
+    modules = ()
+    module_names = (("torchvision.ops", "StochasticDepth"), ("timm.layers", "DropPath"),
+                    ("timm.models.layers", "DropPath"))
+
+    @classmethod
+    def covers(cls, m: nn.Module) -> bool:
+        t = type(m)
+        return any(t.__name__ == name and t.__module__.startswith(prefix) for prefix, name in cls.module_names)
+
+    def _rule(self) -> Tuple[float, bool, bool]:
+        """``(p, one draw per sample?, divide by 1 − p?)`` from the live module."""
+        m = self.module
+        if hasattr(m, "drop_prob"):  # timm
+            return float(m.drop_prob), True, bool(m.scale_by_keep)
+        if m.mode not in ("row", "batch") or not 0.0 <= m.p <= 1.0:
+            raise ValueError(f"{self.name}: StochasticDepth needs 0 <= p <= 1 and mode 'row' or 'batch', got "
+                             f"p={m.p}, mode={m.mode!r}")
+        return float(m.p), m.mode == "row", True
+
+    def _active(self) -> bool:
+        return self.module.training and self._rule()[0] != 0.0
+
+    def forward(self, x, ctx):
+        if not self._active():
+            return x, None
+        p, rows, scale = self._rule()
+        mask = torch.empty([x.shape[0] if rows else 1] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        mask.bernoulli_(1.0 - p)
+        if p < 1.0 and scale:
+            mask.div_(1.0 - p)
+        return x * mask, mask
+
+    def descriptor(self):
+        return None if self._active() else ("identity", {})
+
+
 def node_kinds() -> List[type]:
     """Every node kind (subclass of :class:`Op`), parents before children."""
     kinds, todo = [], [Op]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import math
 import operator
 import weakref
@@ -43,7 +44,22 @@ FUNCTION_KINDS: Dict[Callable, type] = {f: t for cls in N.node_kinds() for f, t 
 #: tensor method (no arguments) -> the module type it stands for
 METHOD_KINDS: Dict[str, type] = {f: t for cls in N.node_kinds() for f, t in cls.__dict__.get("methods", {}).items()}
 
+#: (module path prefix, class name) -> node factory: kinds matched by name, their libraries not imported
+#: (``module_names``, e.g. torchvision's StochasticDepth and timm's DropPath)
+MODULE_NAMES: Dict[Tuple[str, str], Callable[[str, nn.Module], N.Op]] = {
+    key: cls.from_module for cls in N.node_kinds() for key in cls.__dict__.get("module_names", ())}
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def module_kind(m: nn.Module) -> Optional[Callable[[str, nn.Module], N.Op]]:
+    """The node factory of module ``m``'s kind (by type, then by module path and class name), or ``None``."""
+    make = MODULE_KINDS.get(type(m))
+    if make is None:
+        t = type(m)
+        make = next((f for (prefix, name), f in MODULE_NAMES.items()
+                     if t.__name__ == name and t.__module__.startswith(prefix)), None)
+    return make
 
 
 # ------------------------------------------------------------------------------------- refusals
@@ -102,7 +118,7 @@ class _Tracer(fx.Tracer):
     torch.nn modules (opaque nodes). User containers are traced through, so their own ``forward`` counts."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in MODULE_KINDS:
+        if module_kind(m) is not None:
             return True
         if isinstance(m, _CONTAINERS) and type(m).forward is type(m).__mro__[
                 next(i for i, c in enumerate(type(m).__mro__) if c in _CONTAINERS)].forward:
@@ -117,6 +133,68 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "t
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+# routing calls (docs/maths.md §4.12): targets (method names or functions) of Reshape and Route nodes
+_ORDER_KEEPING = {"squeeze", "unsqueeze", "unflatten", "contiguous", torch.squeeze, torch.unsqueeze, torch.unflatten}
+_ROUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "narrow", "select", "t", "flip",
+           "roll", "diagonal", torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
+           torch.moveaxis, torch.narrow, torch.select, torch.t, torch.flip, torch.roll, torch.diagonal,
+           operator.getitem, N.split_item}
+_ROUTE_ATTRS = {"T", "mT", "H", "mH"}
+_SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
+
+
+def _fuse_split_items(graph: fx.Graph) -> None:
+    """Rewrite ``chunk`` / ``split`` / ``unbind`` / ``tensor_split`` calls whose results are only indexed
+    (``a, b = x.chunk(2, 1)``) into one :func:`~dbprop.nodes.split_item` call per item, so that every node has
+    one tensor value; other uses of such a tuple are left as they are (an opaque node refuses them)."""
+    for node in list(graph.nodes):
+        how = node.target if node.op == "call_method" else getattr(node.target, "__name__", None) \
+            if node.op == "call_function" and node.target in (torch.chunk, torch.split, torch.unbind,
+                                                              torch.tensor_split) else None
+        if how not in _SPLITS or not node.args or not isinstance(node.args[0], fx.Node) or not node.users or \
+                not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and
+                        isinstance(u.args[1], int) for u in node.users):
+            continue
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                item = graph.create_node("call_function", N.split_item,
+                                         (node.args[0], user.args[1], how, *node.args[1:]), dict(node.kwargs),
+                                         name=f"{node.name}_{user.args[1]}")
+            user.replace_all_uses_with(item)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _specialise_defaults(model: nn.Module) -> Dict[str, Any]:
+    """``forward(x, a=..., b=...)``: the parameters after the first, traced with their defaults (fx
+    ``concrete_args``); a parameter without a default is refused (dbprop calls ``model(x)``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [p.name for p in params if p.default is p.empty]
+    if missing:
+        raise UnsupportedModelError(f"dbprop compiles models called as model(x) with one input; "
+                                    f"{type(model).__name__}.forward also takes {', '.join(missing)} without a default")
+    return {p.name: p.default for p in params}
+
+
+def _drop_specialised(graph: fx.Graph) -> None:
+    """Remove the placeholders of arguments traced with their defaults and the checks fx adds on them (their
+    values are constants in the traced calls); a placeholder that feeds anything else is left (refused later)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        closure, todo = [], [ph]
+        while todo:
+            n = todo.pop()
+            if n not in closure:
+                closure.append(n)
+                todo.extend(n.users)
+        checks = (torch._assert, operator.eq, getattr(torch.fx._symbolic_trace, "_assert_is_none", torch._assert))
+        if all(n is ph or (n.op == "call_function" and n.target in checks) for n in closure):
+            for n in reversed([n for n in graph.nodes if n in closure]):
+                graph.erase_node(n)
 
 
 def _has_node(a) -> bool:
@@ -186,7 +264,7 @@ class _Lowering:
             inputs: List[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in index else None)
             meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
-                (node.op == "call_function" and node.target is builtins.getattr)
+                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] not in _ROUTE_ATTRS)
             if meta:
                 steps.append(Step(self._call(node)))
                 continue
@@ -225,7 +303,7 @@ class _Lowering:
         name = self._name(node)
         if node.op == "call_module":
             m = self.modules[node.target]
-            make = MODULE_KINDS.get(type(m))
+            make = module_kind(m)
             if len(node.args) != 1 or node.kwargs or make is None:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     raise UnsupportedModelError(f"'{node.target}' ({type(m).__name__}) is not supported: dbprop "
@@ -233,9 +311,13 @@ class _Lowering:
                 return self._opaque(node, inputs, m)
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
                 return self._opaque(node, inputs, m)
-            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and m.return_indices:
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and \
+                    m.return_indices:
                 raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
             return make(str(node.target), m)
+        routed = self._route(node, inputs, name)
+        if routed is not None:
+            return routed
         target = node.target
         if node.op == "call_method":
             if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
@@ -294,6 +376,19 @@ class _Lowering:
             if isinstance(start, int) and isinstance(end, int):
                 dims = (start, end)
         return N.Reshape(name, self._call(node, tuple(inputs)), dims)
+
+    def _route(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """Routing calls on one traced tensor (docs/maths.md §4.4, §4.12): order-keeping reshapes (``squeeze``,
+        ``unsqueeze``, ``unflatten``, ``contiguous``) as :class:`~dbprop.nodes.Reshape`, permutations and
+        selections as :class:`~dbprop.nodes.Route`; ``None`` for any other call."""
+        if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+            return None
+        target = node.target
+        if target in _ORDER_KEEPING:
+            return self._reshape(node, inputs, name)
+        if target in _ROUTES or (target is builtins.getattr and node.args[1] in _ROUTE_ATTRS):
+            return N.Route(name, self._call(node, tuple(inputs)))
+        return None
 
     def _mean(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
@@ -383,7 +478,8 @@ class Program:
             return
         if self.refusal is not None:
             raise self.refusal
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        dropouts = [m for m in self.model.modules() if m.training and (
+            isinstance(m, nn.modules.dropout._DropoutNd) or N.DropPath.covers(m))]
         # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
         # in-place restore would bump their version counters and break a graph that saved them, e.g. the
         # running statistics of an eval-mode BatchNorm in the task loss computed just before)
@@ -424,14 +520,18 @@ def compile_model(model: nn.Module) -> Program:
 
     Raises:
         UnsupportedModelError: hooks, parametrizations, models that torch.fx cannot trace (with its reason),
-            several inputs or outputs, in-place calls on traced tensors.
+            several inputs (``forward`` parameters after the first are traced with their defaults; one
+            without a default is refused) or outputs, in-place calls on traced tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
     _refuse_invisible(model)
+    concrete = _specialise_defaults(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        _drop_specialised(graph)
+        _fuse_split_items(graph)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
         raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
     return Program(model, _Lowering(model)(graph))

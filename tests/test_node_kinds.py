@@ -12,6 +12,7 @@ from dbprop import functional as Fn
 from dbprop import penalties as P
 
 from helpers import assert_grads_close, grads_of
+from standins import DropPath, StochasticDepth
 
 BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -43,6 +44,71 @@ class MeanOverSpace(nn.Module):
 class ViewFlat(nn.Module):
     def forward(self, x):
         return x.view(x.size(0), -1)
+
+
+# ---- routing (docs/maths.md §4.12)
+class ChannelShuffle(nn.Module):
+    """ShuffleNet v2's unit: channel split, one branch convolved, concatenation, channel shuffle."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h), nn.Conv2d(h, h, 1), nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat((a, self.branch(b)), dim=1)
+        B, C, H, W = y.size()
+        return y.view(B, 2, C // 2, H, W).transpose(1, 2).contiguous().view(B, -1, H, W)
+
+
+class ConvNeXtLike(nn.Module):
+    """A ConvNeXt block without its LayerNorm and layer scale: depthwise conv, channels-last MLP, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.drop = StochasticDepth(0.3, "row")
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + self.drop(y)
+
+
+class Indexing(nn.Module):
+    """Slices, None, Ellipsis, integers, negative dimensions, select, narrow, .mT, movedim, transpose."""
+
+    def forward(self, x):                      # (B, 3, 4, 5)
+        y = x[:, 1:, None, ..., ::2]           # (B, 2, 1, 4, 3)
+        y = y.squeeze(-3).mT.narrow(-1, 1, 3)  # (B, 2, 3, 3)
+        z = torch.movedim(x.select(1, 0), -1, 1)[..., 1]  # (B, 5)
+        return torch.cat([torch.tanh(y).flatten(1), torch.transpose(z.unsqueeze(2), -1, 1).flatten(1)], 1)
+
+
+class FlipRoll(nn.Module):
+    def forward(self, x):                      # (B, 3, 4)
+        return torch.cat([x.flip(-1, 1), torch.roll(x, 2, 2), x.diagonal(0, 1, 2).unsqueeze(2)], 2).flatten(1)
+
+
+class SplitResidual(nn.Module):
+    """``torch.split`` with sizes and ``tensor.split`` with equal sizes, the items summed into a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 7)
+
+    def forward(self, x):
+        a, b = torch.split(self.fc(x), [3, 4], dim=-1)
+        c, d = b.split(2, 1)
+        e = x.unbind(1)[2].unsqueeze(1)
+        return torch.tanh(a) + torch.cat([torch.sigmoid(c), e], 1) + d.narrow(1, 0, 1)
+
+
+class AdaptiveMax1d(nn.Module):
+    def forward(self, x):
+        return nn.functional.adaptive_max_pool1d(x, 3)
 
 
 def _seq(*layers):
@@ -83,6 +149,22 @@ CASES = {
     nodes.Add: {"residual": (_seq(nn.Conv2d(2, 2, 1), Residual(2), nn.Flatten(), nn.Linear(18, 3)), (2, 3, 3))},
     nodes.Cat: {"cat": (_seq(Concat(), nn.Tanh(), nn.Linear(5, 3)), (5,))},
     nodes.Opaque: {"layernorm": (_seq(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), (4,))},
+    # routing (docs/maths.md §4.12)
+    nodes.Route: {
+        "shuffle": (_seq(nn.Conv2d(3, 4, 1), ChannelShuffle(4), nn.Flatten(), nn.Linear(4 * 3 * 2, 3)), (3, 3, 2)),
+        "convnext": (lambda: nn.Sequential(nn.Conv2d(2, 3, 1), ConvNeXtLike(3), nn.Tanh(), nn.Flatten(),
+                                           nn.Linear(3 * 3 * 2, 3)).eval(), (2, 3, 2)),
+        "indexing": (_seq(nn.Conv2d(2, 3, 1), nn.SiLU(), Indexing(), nn.Linear(18 + 5, 3)), (2, 4, 5)),
+        "split": (_seq(SplitResidual(), nn.Linear(3, 3)), (4,)),
+        "flip-roll": (_seq(nn.Conv1d(2, 3, 1), nn.Softplus(), FlipRoll(), nn.Linear(3 * 9, 3)), (2, 4))},
+    nodes.AdaptiveMaxPool: {
+        "2d": (_seq(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.AdaptiveMaxPool2d((2, None)), nn.Flatten(), nn.Linear(16, 3)),
+               (1, 5, 5)),
+        "1d": (_seq(nn.Conv1d(2, 2, 2), nn.ELU(), AdaptiveMax1d(), nn.Flatten(), nn.Linear(6, 3)), (2, 8))},
+    nodes.DropPath: {
+        "torchvision-eval": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), StochasticDepth(0.4, "row"),
+                                                   nn.Linear(5, 3)).eval(), (4,)),
+        "timm-p0-train": (_seq(nn.Linear(4, 5), nn.Tanh(), DropPath(0.0), nn.Linear(5, 3)), (4,))},
 }
 ABSTRACT = {nodes.Op, nodes.Unary, nodes.Affine}
 PARAMS = [(kind, name) for kind, cases in CASES.items() for name in cases]
