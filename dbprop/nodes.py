@@ -309,14 +309,13 @@ class Unary(Op):
 
 
 # --------------------------------------------------------------------------------------------- affine
-class Affine(Unary):
-    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
-    ``saved`` is ``(x or None, x.shape)``."""
+class WeightAndBias:
+    """For node kinds whose parameters are their module's ``weight`` and ``bias`` (either may be ``None``)."""
 
-    kind = "affine"
+    module: Any
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Optional[Tensor]:
         return self.module.weight
 
     @property
@@ -325,6 +324,13 @@ class Affine(Unary):
 
     def params(self):
         return [p for p in (self.weight, self.bias) if p is not None]
+
+
+class Affine(WeightAndBias, Unary):
+    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
+    ``saved`` is ``(x or None, x.shape)``."""
+
+    kind = "affine"
 
     def apply_K(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -538,7 +544,23 @@ def _sample_norm_apply(qs: Tensor, xhat: Tensor, invstd: Tensor) -> Tensor:
     return (qs - _group_means(qs) - xhat * _group_means(xhat * qs)) * invstd
 
 
-class SampleNorm(Unary):
+@dataclass
+class NormArgs:
+    """What a functional norm call (``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``) gives a
+    :class:`SampleNorm` in place of a module: its weight and bias (live parameters or ``None``) and ``eps``;
+    input statistics only."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    training: bool = False
+    track_running_stats: bool = False
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    momentum: Optional[float] = None
+
+
+class SampleNorm(WeightAndBias, Unary):
     """LayerNorm, GroupNorm and InstanceNorm (docs/maths.md §4.12): ``y = γ ⊙ x̂ + β`` with ``x̂ = (x − μ)/σ``
     and ``μ``, ``σ² = m((x − μ)²)`` (biased) + ε taken over groups of each sample's elements: the trailing
     ``normalized_shape`` (LayerNorm; one group per leading index), ``C/G`` channels with their positions
@@ -549,13 +571,13 @@ class SampleNorm(Unary):
         ``u' = m(ξ' x̂)``, ``w = m(x̂ q)``.
     ``γ`` is elementwise over ``normalized_shape`` (LayerNorm) or per channel (GroupNorm, InstanceNorm).
     InstanceNorm in eval mode with running statistics is a per-channel affine map: a :class:`BatchNorm` node.
-    ``saved`` is ``(x̂ as (B, R, n), 1/σ as (B, R, 1), x.shape)``."""
+    ``module`` is the norm module or, for the functional forms, a :class:`NormArgs`. ``saved`` is ``(x̂ as (B, R, n), 1/σ as (B, R, 1), x.shape)``."""
 
     kind = "sample-norm"
     has_source = True
     modules = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
-    def __init__(self, name: str, module: nn.Module, layout: str, groups: int = 1,
+    def __init__(self, name: str, module: Any, layout: str, groups: int = 1,
                  normalized_shape: Tuple[int, ...] = ()):
         super().__init__(name, module)
         self.layout, self.groups, self.normalized_shape = layout, groups, tuple(normalized_shape)
@@ -568,18 +590,7 @@ class SampleNorm(Unary):
             return cls(name, m, "group", groups=m.num_groups)
         if not m.training and m.track_running_stats:  # running statistics: y = γ (x − μ_r)/σ_r + β
             return BatchNorm(name, m)
-        return cls(name, m, "instance", groups=m.num_features)
-
-    @property
-    def weight(self) -> Optional[Tensor]:
-        return self.module.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.module.bias
-
-    def params(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
+        return cls(name, m, "instance")
 
     def _want(self, want: List[bool]) -> Tuple[bool, bool]:
         """``want`` (one flag per entry of ``params()``) as (γ wanted, β wanted)."""
@@ -608,11 +619,12 @@ class SampleNorm(Unary):
                                     "dbprop needs the batch dimension outside normalized_shape")
             n = math.prod(ns)
             return x[0].numel() // n, n
-        want_dim = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4}.get(type(self.module))
-        if x.dim() < 2 or (want_dim is not None and x.dim() != want_dim):
-            raise UnsupportedOp(f"{self.name}: {type(self.module).__name__} of an input of shape {tuple(x.shape)} "
+        want_dim = {nn.InstanceNorm1d: (3,), nn.InstanceNorm2d: (4,)}.get(type(self.module), (3, 4, 5))
+        if x.dim() < 2 or (self.layout == "instance" and x.dim() not in want_dim):
+            raise UnsupportedOp(f"{self.name}: {self.layout} norm of an input of shape {tuple(x.shape)} "
                                 f"(dbprop needs a batched input)")
-        return self.groups, x[0].numel() // self.groups
+        groups = x.shape[1] if self.layout == "instance" else self.groups  # InstanceNorm: one group per channel
+        return groups, x[0].numel() // groups
 
     def forward(self, x, ctx):
         m = self.module
