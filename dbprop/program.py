@@ -102,10 +102,13 @@ _NORM_FAMILIES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, n
 
 
 def _own_norm_forward(m: nn.Module) -> bool:
-    """A norm subclass with its own ``forward`` (timm's ``BatchNormAct2d``: ``F.batch_norm`` with the module's
-    buffers, then drop and activation): traced into, so that its forward counts as written."""
-    family = next((f for f in _NORM_FAMILIES if isinstance(m, f)), None)
-    return family is not None and type(m) not in MODULE_KINDS and type(m).forward is not family.forward
+    """A norm subclass with its own ``forward`` written outside torch (timm's ``BatchNormAct2d``: ``F.batch_norm``
+    with the module's buffers, then drop and activation): traced into, so that its forward counts as written.
+    torch's own subclasses (``SyncBatchNorm``, ``BatchNorm3d``) are not."""
+    if type(m) in MODULE_KINDS or not isinstance(m, _NORM_FAMILIES):
+        return False
+    defining = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return not defining.__module__.startswith("torch.")
 
 
 class _Tracer(fx.Tracer):

@@ -224,3 +224,9 @@ def test_unbatched_instance_norm_is_refused():
     model = nn.Sequential(nn.Linear(4, 5), nn.InstanceNorm1d(3), nn.Linear(5, 2)).double()
     with pytest.raises(UnsupportedModelError, match="needs a batched input"):
         Fn.jacobian_penalty(model, torch.randn(3, 4, dtype=torch.float64), strict=True)
+
+
+def test_torch_norm_subclasses_are_not_traced_into():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.SyncBatchNorm(3), nn.Flatten(), nn.Linear(12, 2)).double()
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(SyncBatchNorm\) is not supported"):
+        dbprop.compile_model(model)
