@@ -83,6 +83,14 @@ class SmoothKind:
     functions: Tuple[Callable, ...] = ()
 
 
+def hardsigmoid_reference(z: Tensor) -> Tensor:
+    """``F.hardsigmoid`` as an expression autograd can differentiate twice (aten has no double backward for
+    ``hardsigmoid_backward``): the same values (computed in float for half types, as ATen does) and PyTorch's
+    ``g'`` convention, ``1/6`` on the open interval ``(−3, 3)`` and 0 elsewhere; ``g'' = 0``."""
+    w = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    return torch.where((w > -3) & (w < 3), (w + 3) / 6, (w >= 3).to(w.dtype)).to(z.dtype)
+
+
 #: The smooth activations, one row each: kernel name (its row of DBPROP_SMOOTH_ACTIVATIONS in
 #: csrc/kernels/activations.h, checked on import) -> :class:`SmoothKind`.
 SMOOTH_ACTIVATIONS: Dict[str, SmoothKind] = {
@@ -98,6 +106,10 @@ SMOOTH_ACTIVATIONS: Dict[str, SmoothKind] = {
     "tanh": SmoothKind(lambda z, p1, p2: torch.tanh(z), nn.Tanh, functions=(torch.tanh, F.tanh)),
     "sigmoid": SmoothKind(lambda z, p1, p2: torch.sigmoid(z), nn.Sigmoid, functions=(torch.sigmoid, F.sigmoid)),
     "mish": SmoothKind(lambda z, p1, p2: F.mish(z), nn.Mish, functions=(F.mish,)),
+    # piecewise quadratic / linear: g' and g'' with PyTorch's conventions at z = ±3 (csrc/kernels/activations.h)
+    "hardswish": SmoothKind(lambda z, p1, p2: F.hardswish(z), nn.Hardswish, functions=(F.hardswish,)),
+    "hardsigmoid": SmoothKind(lambda z, p1, p2: hardsigmoid_reference(z), nn.Hardsigmoid,
+                              functions=(F.hardsigmoid,)),
 }
 
 
@@ -142,7 +154,8 @@ class PythonKernels:
         with torch.enable_grad():
             zr = z.detach().requires_grad_(True)
             d1 = torch.autograd.grad(act.fn(zr).sum(), zr, create_graph=True)[0]
-            d2 = torch.autograd.grad(d1.sum(), zr)[0]
+            # g' constant in z (hardsigmoid's reference): g'' = 0
+            d2 = torch.autograd.grad(d1.sum(), zr)[0] if d1.requires_grad else torch.zeros_like(d1)
         return act.fn(z), (d1.detach(), d2)
 
     def smooth_multiply(self, c: Tensor, saved: Any, act: Smooth) -> Tensor:
@@ -296,14 +309,13 @@ class Unary(Op):
 
 
 # --------------------------------------------------------------------------------------------- affine
-class Affine(Unary):
-    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
-    ``saved`` is ``(x or None, x.shape)``."""
+class WeightAndBias:
+    """For node kinds whose parameters are their module's ``weight`` and ``bias`` (either may be ``None``)."""
 
-    kind = "affine"
+    module: Any
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Optional[Tensor]:
         return self.module.weight
 
     @property
@@ -312,6 +324,13 @@ class Affine(Unary):
 
     def params(self):
         return [p for p in (self.weight, self.bias) if p is not None]
+
+
+class Affine(WeightAndBias, Unary):
+    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
+    ``saved`` is ``(x or None, x.shape)``."""
+
+    kind = "affine"
 
     def apply_K(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -513,6 +532,156 @@ class BatchNorm(Unary):
         return [dgamma, eta.sum(dims) if want[1] else None]
 
 
+# ------------------------------------------------------------------------- per-sample norms (LN, GN, IN)
+def _group_means(t: Tensor) -> Tensor:
+    """``m(·)`` of docs/maths.md §4.13: means over each group's ``n`` elements (the last axis), kept."""
+    return t.mean(-1, keepdim=True)
+
+
+def _sample_norm_apply(qs: Tensor, xhat: Tensor, invstd: Tensor) -> Tensor:
+    """The normalisation Jacobian ``J q = (1/σ)(q − m(q) − x̂ m(x̂ q))`` (docs/maths.md §4.13 (4.14)) per group,
+    ``qs`` as ``(k, B, R, n)``, ``x̂`` ``(B, R, n)`` and ``1/σ`` ``(B, R, 1)``; ``J`` is self-adjoint."""
+    return (qs - _group_means(qs) - xhat * _group_means(xhat * qs)) * invstd
+
+
+@dataclass
+class NormArgs:
+    """What a functional norm call (``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``) gives a
+    :class:`SampleNorm` in place of a module: its weight and bias (live parameters or ``None``) and ``eps``;
+    input statistics only."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    training: bool = False
+    track_running_stats: bool = False
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    momentum: Optional[float] = None
+
+
+class SampleNorm(WeightAndBias, Unary):
+    """LayerNorm, GroupNorm and InstanceNorm (docs/maths.md §4.13): ``y = γ ⊙ x̂ + β`` with ``x̂ = (x − μ)/σ``
+    and ``μ``, ``σ² = m((x − μ)²)`` (biased) + ε taken over groups of each sample's elements: the trailing
+    ``normalized_shape`` (LayerNorm; one group per leading index), ``C/G`` channels with their positions
+    (GroupNorm), one channel (InstanceNorm: GroupNorm with ``G = C``). Statistics are per sample, so the class
+    copies share them and nothing couples the batch. With ``J`` the normalisation Jacobian of each group,
+        ``A q = γ ⊙ J q``,  ``Aᵀ c = J (γ ⊙ c)``,  mixed ``∂_γ = Σ ξ ⊙ J q``, none for β,
+        source ``ŝ = (1/σ²)[(3u'w − cov(ξ', q)) x̂ − w (ξ' − m(ξ')) − u' (q − m(q))]`` with ``ξ' = γ ⊙ ξ``,
+        ``u' = m(ξ' x̂)``, ``w = m(x̂ q)``.
+    ``γ`` is elementwise over ``normalized_shape`` (LayerNorm) or per channel (GroupNorm, InstanceNorm).
+    InstanceNorm in eval mode with running statistics is a per-channel affine map: a :class:`BatchNorm` node.
+    ``module`` is the norm module or, for the functional forms, a :class:`NormArgs`. ``saved`` is ``(x̂ as (B, R, n), 1/σ as (B, R, 1), x.shape)``."""
+
+    kind = "sample-norm"
+    has_source = True
+    modules = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+    def __init__(self, name: str, module: Any, layout: str, groups: int = 1,
+                 normalized_shape: Tuple[int, ...] = ()):
+        super().__init__(name, module)
+        self.layout, self.groups, self.normalized_shape = layout, groups, tuple(normalized_shape)
+
+    @classmethod
+    def from_module(cls, name, m):
+        if isinstance(m, nn.LayerNorm):
+            return cls(name, m, "layer", normalized_shape=tuple(m.normalized_shape))
+        if isinstance(m, nn.GroupNorm):
+            return cls(name, m, "group", groups=m.num_groups)
+        if not m.training and m.track_running_stats:  # running statistics: y = γ (x − μ_r)/σ_r + β
+            return BatchNorm(name, m)
+        return cls(name, m, "instance")
+
+    def _want(self, want: List[bool]) -> Tuple[bool, bool]:
+        """``want`` (one flag per entry of ``params()``) as (γ wanted, β wanted)."""
+        it = iter(want)
+        return (self.weight is not None and next(it)), (self.bias is not None and next(it))
+
+    def _scale(self, t: Tensor) -> Tensor:
+        """``γ ⊙ t`` (identity without affine weight)."""
+        w = self.weight
+        if w is None:
+            return t
+        return t * w if self.layout == "layer" else t * _channel(w, t.dim())
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (input layout, any number of rows) to the shape of ``γ`` / ``β``."""
+        if self.layout == "layer":
+            return t.reshape(-1, *self.normalized_shape).sum(0)
+        return t.sum([0, *range(2, t.dim())])
+
+    def _groups_of(self, x: Tensor) -> Tuple[int, int]:
+        """``(R, n)``: groups per sample and elements per group of ``x``; refuses shapes the kind does not cover."""
+        if self.layout == "layer":
+            ns = self.normalized_shape
+            if x.dim() <= len(ns) or tuple(x.shape[x.dim() - len(ns):]) != ns:
+                raise UnsupportedOp(f"{self.name}: LayerNorm over {list(ns)} of an input of shape {tuple(x.shape)}; "
+                                    "dbprop needs the batch dimension outside normalized_shape")
+            n = math.prod(ns)
+            return x[0].numel() // n, n
+        want_dim = {nn.InstanceNorm1d: (3,), nn.InstanceNorm2d: (4,)}.get(type(self.module), (3, 4, 5))
+        if x.dim() < 2 or (self.layout == "instance" and x.dim() not in want_dim):
+            raise UnsupportedOp(f"{self.name}: {self.layout} norm of an input of shape {tuple(x.shape)} "
+                                f"(dbprop needs a batched input)")
+        groups = x.shape[1] if self.layout == "instance" else self.groups  # InstanceNorm: one group per channel
+        return groups, x[0].numel() // groups
+
+    def forward(self, x, ctx):
+        m = self.module
+        R, n = self._groups_of(x)
+        if self.layout == "layer":
+            y = F.layer_norm(x, self.normalized_shape, m.weight, m.bias, m.eps)
+        elif self.layout == "group":
+            y = F.group_norm(x, self.groups, m.weight, m.bias, m.eps)
+        else:  # instance: the module's own call, running statistics updated as one forward would
+            update = ctx.update_stats and m.training and m.track_running_stats
+            y = F.instance_norm(x, m.running_mean if update else None, m.running_var if update else None, m.weight,
+                                m.bias, True, 0.0 if m.momentum is None else m.momentum, m.eps)
+        xv = x.reshape(x.shape[0], R, n)
+        var, mean = torch.var_mean(xv, -1, correction=0, keepdim=True)
+        invstd = torch.rsqrt(var + m.eps)
+        return y, ((xv - mean) * invstd, invstd, x.shape)
+
+    def _jacobian(self, q: Tensor, saved) -> Tensor:
+        xhat, invstd, _ = saved
+        qs = per_copy(q, xhat.shape[0]).reshape(-1, *xhat.shape)
+        return _sample_norm_apply(qs, xhat, invstd).reshape(q.shape)
+
+    def linear(self, q, saved, K):
+        return self._scale(self._jacobian(q, saved))
+
+    def transpose(self, c, saved, K):
+        return self._jacobian(self._scale(c), saved)
+
+    def mixed(self, xi, qs, saved, want, K):
+        want_w, _ = self._want(want)
+        out: Grads = [None] * len(want)
+        if want_w:  # ∂_γ ⟨ξ, γ ⊙ J q⟩ = Σ ξ ⊙ J q, summed over class copies
+            out[0] = self._reduce(xi * self._jacobian(qs[0], saved))
+        return out
+
+    def source(self, xi, qs, saved, K):  # (4.16), summed over class copies
+        xhat, invstd, shape = saved
+        rows = (-1, *xhat.shape)
+        xis = per_copy(self._scale(xi), xhat.shape[0]).reshape(rows)
+        qs_ = per_copy(qs[0], xhat.shape[0]).reshape(rows)
+        m_q, w = _group_means(qs_), _group_means(xhat * qs_)
+        m_xi, u = _group_means(xis), _group_means(xis * xhat)
+        cov = _group_means(xis * qs_) - m_xi * m_q
+        s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs_ - m_q)
+        return [(s.sum(0) * invstd * invstd).reshape(shape)]
+
+    def param_grads(self, eta, saved, want, K):
+        want_w, want_b = self._want(want)
+        xhat, _, shape = saved
+        out = []
+        if self.weight is not None:
+            out.append(self._reduce(eta * xhat.reshape(shape)) if want_w else None)
+        if self.bias is not None:
+            out.append(self._reduce(eta) if want_b else None)
+        return out
+
+
 # ---------------------------------------------------------------------------------------- activations
 class PiecewiseLinearActivation(Unary):
     """ReLU / LeakyReLU / ReLU6 / Hardtanh: ``a = g'(z)`` kept as a mask (bits natively); source 0 a.e."""
@@ -556,7 +725,7 @@ class PiecewiseLinearActivation(Unary):
 
 
 class SmoothActivation(Unary):
-    """GELU, SiLU, ELU, Softplus, Tanh, Sigmoid, Mish: ``A = diag g'(z)``, source ``g''(z) ⊙ ξ ⊙ q``."""
+    """GELU, SiLU, ELU, Softplus, Tanh, Sigmoid, Mish, Hardswish, Hardsigmoid: ``A = diag g'(z)``, source ``g''(z) ⊙ ξ ⊙ q``."""
 
     kind = "smooth"
     has_source = True

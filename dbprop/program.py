@@ -113,6 +113,20 @@ def _refuse_invisible(model: nn.Module) -> None:
                     "change the forward in ways dbprop cannot see")
 
 
+_NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm)
+_NORM_FAMILIES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _own_norm_forward(m: nn.Module) -> bool:
+    """A norm subclass with its own ``forward`` written outside torch (timm's ``BatchNormAct2d``: ``F.batch_norm``
+    with the module's buffers, then drop and activation): traced into, so that its forward counts as written.
+    torch's own subclasses (``SyncBatchNorm``, ``BatchNorm3d``) are not."""
+    if type(m) in MODULE_KINDS or not isinstance(m, _NORM_FAMILIES):
+        return False
+    defining = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return not defining.__module__.startswith("torch.")
+
+
 class _Tracer(fx.Tracer):
     """Modules of a known kind are leaves (nodes); so are modules that own parameters or buffers directly and
     torch.nn modules (opaque nodes). User containers are traced through, so their own ``forward`` counts."""
@@ -120,6 +134,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if module_kind(m) is not None:
             return True
+        if _own_norm_forward(m):
+            return False
         if isinstance(m, _CONTAINERS) and type(m).forward is type(m).__mro__[
                 next(i for i, c in enumerate(type(m).__mro__) if c in _CONTAINERS)].forward:
             return False
@@ -230,6 +246,7 @@ class _Lowering:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
+        self._norm_calls: Dict[fx.Node, Optional[Callable[[str], N.Op]]] = {}
 
     def __call__(self, graph: fx.Graph) -> IR:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -255,7 +272,8 @@ class _Lowering:
                     raise UnsupportedModelError("the model returns its input unchanged")
                 continue
             if node.op == "get_attr":
-                if isinstance(_attr(self.model, node.target), nn.Parameter):
+                if isinstance(_attr(self.model, node.target), nn.Parameter) and not (
+                        node.users and all(self._norm_call(u) is not None for u in node.users)):
                     raise UnsupportedModelError(
                         f"the forward uses the parameter '{node.target}' directly (outside a module call); "
                         "wrap it in a module (it then runs as an opaque node)")
@@ -307,7 +325,8 @@ class _Lowering:
             if len(node.args) != 1 or node.kwargs or make is None:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     raise UnsupportedModelError(f"'{node.target}' ({type(m).__name__}) is not supported: dbprop "
-                                                "handles BatchNorm1d and BatchNorm2d")
+                                                "handles BatchNorm1d and BatchNorm2d (and their subclasses with their "
+                                                "own forward calling F.batch_norm with the module's buffers)")
                 return self._opaque(node, inputs, m)
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
                 return self._opaque(node, inputs, m)
@@ -319,6 +338,10 @@ class _Lowering:
         if routed is not None:
             return routed
         target = node.target
+        if node.op == "call_function" and target in _NORM_FUNCTIONS:
+            make_norm = self._norm_call(node)
+            if make_norm is not None:
+                return make_norm(name)
         if node.op == "call_method":
             if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
                 return MODULE_KINDS[METHOD_KINDS[target]](name, METHOD_KINDS[target]())
@@ -363,6 +386,79 @@ class _Lowering:
                     return self._opaque(node, inputs)
                 return MODULE_KINDS[cls](name, module)
         return self._opaque(node, inputs)
+
+    # ---- issue 17: functional norms (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm) whose weights and
+    # statistics are constants or one module's own parameters and buffers (e.g. in a BatchNorm subclass's forward)
+    def _norm_call(self, node: fx.Node) -> Optional[Callable[[str], N.Op]]:
+        """A factory ``name -> Op`` for a functional norm call the program represents natively, else ``None``."""
+        if node not in self._norm_calls:
+            self._norm_calls[node] = self._match_norm_call(node)
+        return self._norm_calls[node]
+
+    def _match_norm_call(self, node: fx.Node) -> Optional[Callable[[str], N.Op]]:
+        if node.op != "call_function" or node.target not in _NORM_FUNCTIONS:
+            return None
+        kw = _normalized(node)
+        if kw is None or not isinstance(kw.get("input"), fx.Node) or kw["input"].op == "get_attr":
+            return None
+        tensors: Dict[str, Optional[Tensor]] = {}
+        owners = set()
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            a = kw.get(key)
+            if isinstance(a, fx.Node):
+                if a.op != "get_attr":
+                    return None
+                owner, _, attr = a.target.rpartition(".")
+                owners.add(owner)
+                tensors[key] = _attr(self.model, a.target)
+                if getattr(self.modules.get(owner), attr, None) is not tensors[key]:
+                    return None
+            elif a is None:
+                tensors[key] = None
+            else:
+                return None
+        if _has_node({k: v for k, v in kw.items() if k not in ("input", *tensors)}) or len(owners) > 1:
+            return None
+        owner = self.modules[owners.pop()] if owners else None
+        eps = kw.get("eps", 1e-5)
+        if node.target is F.batch_norm:
+            return self._batch_norm_call(kw, tensors, owner)
+        args = N.NormArgs(tensors["weight"], tensors["bias"], float(eps))
+        if node.target is F.layer_norm:
+            shape = kw["normalized_shape"]
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            return lambda name: N.SampleNorm(name, args, "layer", normalized_shape=shape)
+        if node.target is F.group_norm:
+            return lambda name: N.SampleNorm(name, args, "group", groups=int(kw["num_groups"]))
+        # F.instance_norm: input statistics only (with running statistics it is a module's job)
+        if not kw.get("use_input_stats", True) or tensors["running_mean"] is not None or \
+                tensors["running_var"] is not None:
+            return None
+        return lambda name: N.SampleNorm(name, args, "instance")
+
+    @staticmethod
+    def _batch_norm_call(kw: Dict[str, Any], tensors: Dict[str, Optional[Tensor]],
+                         m: Optional[nn.Module]) -> Optional[Callable[[str], N.Op]]:
+        """``F.batch_norm`` with a BatchNorm module's own parameters and buffers (the call of ``_BatchNorm.forward``
+        as subclasses write it): a :class:`~dbprop.nodes.BatchNorm` node of that module, with its running-statistics
+        semantics (docs/maths.md §7.2), provided the call does what the module's mode says it does."""
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return None
+        same = all(tensors[k] is getattr(m, k) for k in ("weight", "bias")) and \
+            all(tensors[k] is None or tensors[k] is getattr(m, k) for k in ("running_mean", "running_var"))
+        stats_given = tensors["running_mean"] is not None and tensors["running_var"] is not None
+        training = kw.get("training", False)
+        batch_stats = m.training or not m.track_running_stats or m.running_mean is None
+        if not same or not isinstance(training, bool) or training != batch_stats or \
+                float(kw.get("eps", 1e-5)) != float(m.eps):
+            return None
+        if training:  # running statistics updated iff the module tracks them in train mode, as nn.BatchNorm does
+            if stats_given != (m.training and m.track_running_stats) or \
+                    (m.momentum is not None and stats_given and float(kw.get("momentum", 0.1)) != float(m.momentum)):
+                return None
+        elif not stats_given:
+            return None
+        return lambda name: N.BatchNorm(name, m)
 
     def _reshape(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
@@ -527,6 +623,9 @@ def compile_model(model: nn.Module) -> Program:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
     _refuse_invisible(model)
+    # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1)): restore any
+    # buffer the trace changed, so that compiling leaves the model as it was
+    buffers = [(b, b.clone()) for b in model.buffers()]
     concrete = _specialise_defaults(model)
     try:
         graph = _Tracer().trace(model, concrete_args=concrete or None)
@@ -534,6 +633,11 @@ def compile_model(model: nn.Module) -> Program:
         _fuse_split_items(graph)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
         raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
+    finally:
+        with torch.no_grad():
+            for b, before in buffers:
+                if not torch.equal(b, before):
+                    b.copy_(before)
     return Program(model, _Lowering(model)(graph))
 
 

@@ -22,6 +22,8 @@ PARAMETERS = {
     "tanh": [(0.0, 0.0)],
     "sigmoid": [(0.0, 0.0)],
     "mish": [(0.0, 0.0)],
+    "hardswish": [(0.0, 0.0)],
+    "hardsigmoid": [(0.0, 0.0)],
 }
 REFERENCE = {name: (row.fn, PARAMETERS[name]) for name, row in SMOOTH_ACTIVATIONS.items() if name in PARAMETERS}
 CASES = [(name, p1, p2) for name, (_, params) in REFERENCE.items() for p1, p2 in params]
@@ -51,6 +53,8 @@ def autograd_derivatives(name, z, p1, p2):
     fn = REFERENCE[name][0]
     z = z.detach().to(torch.float64).requires_grad_(True)
     (d1,) = torch.autograd.grad(fn(z, p1, p2).sum(), z, create_graph=True)
+    if not d1.requires_grad:  # g' constant in z (hardsigmoid): g'' = 0
+        return d1.detach(), torch.zeros_like(d1)
     (d2,) = torch.autograd.grad(d1.sum(), z)
     return d1.detach(), d2
 
@@ -103,6 +107,26 @@ def test_conventions_at_kinks():
                                          rel=1e-15)
     assert d1[1].item() == 1.0
     assert native_ops.activation_source(one, one, z, "softplus", 2.0, 20.0).tolist() == [0.0, 0.0]
+    # hardswish / hardsigmoid: aten's hardswish_backward / hardsigmoid_backward take the open interval (-3, 3).
+    # In float64 aten's hardsigmoid_backward multiplies by 1/6 rounded to float (relative 3e-8); the kernel uses
+    # the exact 1/6, the derivative of the float64 function. float32: bit for bit.
+    for dtype, rtol in ((torch.float64, 1e-7), (torch.float32, 0.0)):
+        z = torch.tensor([-3.5, -3.0, -2.0, 0.0, 3.0, 3.5], dtype=dtype)
+        one = torch.ones_like(z)
+        for name, fn in (("hardswish", torch.nn.functional.hardswish),
+                         ("hardsigmoid", torch.nn.functional.hardsigmoid)):
+            zr = z.clone().requires_grad_(True)
+            (aten_d1,) = torch.autograd.grad(fn(zr).sum(), zr)
+            torch.testing.assert_close(native_ops.activation_derivative_multiply(one, z, name, 0.0, 0.0), aten_d1,
+                                       rtol=rtol, atol=0)
+    z = torch.tensor([-3.5, -3.0, -2.0, 0.0, 3.0, 3.5], dtype=torch.float64)
+    one = torch.ones_like(z)
+    assert native_ops.activation_derivative_multiply(one, z, "hardsigmoid", 0.0, 0.0).tolist() == \
+        [0.0, 0.0, 1 / 6, 1 / 6, 0.0, 0.0]
+    assert native_ops.activation_derivative_multiply(one, z, "hardswish", 0.0, 0.0).tolist() == \
+        [0.0, 0.0, -2.0 / 3 + 0.5, 0.5, 1.0, 1.0]  # z/3 + 1/2 at z = -2, as the kernel rounds it
+    assert native_ops.activation_source(one, one, z, "hardswish", 0.0, 0.0).tolist() == [0.0, 0.0, 1 / 3, 1 / 3, 0.0, 0.0]
+    assert native_ops.activation_source(one, one, z, "hardsigmoid", 0.0, 0.0).tolist() == [0.0] * 6
 
 
 @pytest.mark.parametrize("name,p1,p2", CASES)

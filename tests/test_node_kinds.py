@@ -111,6 +111,17 @@ class AdaptiveMax1d(nn.Module):
         return nn.functional.adaptive_max_pool1d(x, 3)
 
 
+class Wave(nn.Module):
+    """A module the program does not know (it owns a parameter): an opaque node."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.freq = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return torch.sin(x * self.freq)
+
+
 def _seq(*layers):
     return lambda: nn.Sequential(*layers)
 
@@ -148,7 +159,6 @@ CASES = {
     nodes.Mean: {"spatial": (_seq(nn.Conv2d(1, 4, 2), nn.Softplus(), MeanOverSpace(), nn.Linear(4, 3)), (1, 3, 4))},
     nodes.Add: {"residual": (_seq(nn.Conv2d(2, 2, 1), Residual(2), nn.Flatten(), nn.Linear(18, 3)), (2, 3, 3))},
     nodes.Cat: {"cat": (_seq(Concat(), nn.Tanh(), nn.Linear(5, 3)), (5,))},
-    nodes.Opaque: {"layernorm": (_seq(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), (4,))},
     # routing (docs/maths.md §4.12)
     nodes.Route: {
         "shuffle": (_seq(nn.Conv2d(3, 4, 1), ChannelShuffle(4), nn.Flatten(), nn.Linear(4 * 3 * 2, 3)), (3, 3, 2)),
@@ -165,7 +175,44 @@ CASES = {
         "torchvision-eval": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), StochasticDepth(0.4, "row"),
                                                    nn.Linear(5, 3)).eval(), (4,)),
         "timm-p0-train": (_seq(nn.Linear(4, 5), nn.Tanh(), DropPath(0.0), nn.Linear(5, 3)), (4,))},
+    nodes.Opaque: {"unknown-module": (_seq(nn.Linear(4, 5), Wave(5), nn.Linear(5, 3)), (4,))},
 }
+
+
+# ---- issue 17: per-sample norms (LayerNorm, GroupNorm, InstanceNorm) and the hard activations
+def _norm_affine_noise(make):
+    """``make()`` with its norms' γ, β drawn away from (1, 0), so that γ's place in (4.14)-(4.16) is tested."""
+    def build():
+        model = make()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+                    if m.weight is not None:
+                        m.weight.uniform_(0.5, 1.5)
+                    if m.bias is not None:
+                        m.bias.uniform_(-0.5, 0.5)
+        return model
+    return build
+
+
+CASES[nodes.SampleNorm] = {
+    "layernorm": (_norm_affine_noise(_seq(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))), (4,)),
+    "layernorm-2d-no-bias": (_norm_affine_noise(_seq(nn.Conv2d(2, 3, 2), nn.LayerNorm([4, 3], bias=False), nn.GELU(),
+                                                     nn.Flatten(), nn.Linear(36, 3))), (2, 5, 4)),
+    "layernorm-no-affine": (_seq(nn.Conv1d(2, 3, 2), nn.LayerNorm(4, elementwise_affine=False), nn.Tanh(),
+                                 nn.Flatten(), nn.Linear(12, 3)), (2, 5)),
+    "groupnorm": (_norm_affine_noise(_seq(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.SiLU(), nn.Flatten(),
+                                          nn.Linear(6 * 5 * 3, 3))), (2, 5, 3)),
+    "groupnorm-no-affine": (_seq(nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4, affine=False), nn.Tanh(), nn.Flatten(),
+                                 nn.Linear(20, 3)), (2, 6)),
+    "instancenorm1d": (_norm_affine_noise(_seq(nn.Conv1d(2, 4, 2), nn.InstanceNorm1d(4, affine=True), nn.Tanh(),
+                                               nn.Flatten(), nn.Linear(20, 3))), (2, 6)),
+    "instancenorm2d-train-stats": (_seq(nn.Conv2d(2, 3, 2), nn.InstanceNorm2d(3, track_running_stats=True),
+                                        nn.Softplus(), nn.Flatten(), nn.Linear(24, 3)), (2, 5, 3)),
+}
+CASES[nodes.SmoothActivation]["hardswish"] = (_seq(nn.Linear(4, 6), nn.Hardswish(), nn.Linear(6, 3)), (4,))
+# Hardsigmoid: autograd has no double backward for it; tests/test_hard_activations.py compares it with an equal
+# expression that autograd can differentiate twice
 ABSTRACT = {nodes.Op, nodes.Unary, nodes.Affine}
 PARAMS = [(kind, name) for kind, cases in CASES.items() for name in cases]
 
