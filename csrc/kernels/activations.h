@@ -241,7 +241,7 @@ enum ActivationKind : int { DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_ENUM) kN
 #undef DBPROP_ACTIVATION_ENUM
 
 // Host side: calls f(Act{}) with the struct of `kind`; returns false for an unknown kind (the dispatchers in
-// csrc/ops.cpp reject those before any launcher runs).
+// csrc/ops.h reject those before any launcher runs).
 template <typename F>
 inline bool visit_activation(int64_t kind, F&& f) {
   switch (kind) {
