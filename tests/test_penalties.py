@@ -47,7 +47,7 @@ def test_function_matches_autograd(case, net, backend, device):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_module_matches_autograd_for_every_reduction(case, reduction, backend, device):
-    """The module form (which builds its head from its options) on a conv net (the critic for scalar-critic
+    """The module form (which builds its head from its options) on the MLP (the critic for scalar-critic
     penalties); reduction="none" through unequal per-sample weights."""
     c = CASES[case]
     net = "mlp" if "mlp" in c.nets else c.nets[0]
