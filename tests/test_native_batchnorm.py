@@ -11,7 +11,7 @@ from dbprop.nodes import PythonKernels
 from helpers import DEVICES
 
 try:
-    from dbprop import _C, native_ops
+    from dbprop import _C, native_ops  # noqa: F401  (_C: the module is skipped without the extension)
     from dbprop.native import NativeKernels
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
