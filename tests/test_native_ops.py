@@ -9,6 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dbprop
 
+from helpers import DEVICES
+
 pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
 if dbprop.native_available():
     from dbprop import _C, native_ops
@@ -59,9 +61,6 @@ def test_every_operator_has_samples():
     assert set(element_operators()) == set(samples("cpu", torch.float64)) | PYTHON_OPERATORS
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and dbprop.native_available() and _C.build_info().get("cuda")),
-    reason="needs a GPU and dbprop._C built with CUDA"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

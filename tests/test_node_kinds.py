@@ -11,11 +11,8 @@ from dbprop import fallback, nodes
 from dbprop import functional as Fn
 from dbprop import penalties as P
 
-from helpers import assert_grads_close, grads_of
+from helpers import BACKENDS, DEVICES, assert_grads_close, grads_of
 from standins import DropPath, StochasticDepth
-
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 class Residual(nn.Module):
