@@ -15,7 +15,7 @@ from dbprop import penalties as P
 
 from helpers import assert_grads_close, grads_of
 
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+from helpers import BACKENDS  # noqa: E402  (one definition for every test file)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
