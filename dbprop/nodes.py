@@ -839,29 +839,24 @@ class Add(Op):
     kind = "add"
 
     def run(self, xs, ctx):
-        if len({x.dim() for x in xs}) != 1:
+        per_sample = [x for x in xs if x.dim() and x.shape[0] == ctx.batch]
+        if len({x.dim() for x in per_sample}) > 1:
             raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
         y = xs[0]
         for x in xs[1:]:
             y = y + x
-        return y, [x.shape for x in xs]
+        return y, ([x.shape for x in xs], ctx.batch, y.shape)
 
     def tangent(self, qs, saved, K):
         terms = [q for q in qs if q is not None]
         y = terms[0]
         for q in terms[1:]:
             y = y + q
-        return y
+        return y.expand(_rows(saved[2], y.shape[0]))  # a constant operand may broadcast the others
 
     def cotangent(self, c, saved, K):
-        out = []
-        for shape in saved:
-            g = c
-            dims = [d for d in range(1, c.dim()) if shape[d] == 1 and c.shape[d] != 1]
-            if dims:
-                g = g.sum(dims, keepdim=True)
-            out.append(g)
-        return out
+        shapes, batch, _ = saved
+        return [reduce_to(c, shape, batch) for shape in shapes]
 
 
 class Cat(Op):
@@ -1002,3 +997,175 @@ class Opaque(Op):
 
 def _stack_rows(parts: List[Optional[Tensor]], like: Tensor) -> Tensor:
     return torch.cat([p if p is not None else torch.zeros_like(like) for p in parts], 0)
+
+
+# ------------------------------------------------------------------------ parameters, products, constants
+def reduce_to(g: Tensor, shape: Sequence[int], batch: int) -> Tensor:
+    """``g`` (a cotangent or source of a broadcasting node's output) summed to the shape of one input.
+
+    An input with ``batch`` rows first and as many dimensions as ``g`` is a per-sample tensor: its rows are kept
+    (``g`` may carry ``k·batch`` rows) and only the dimensions it broadcasts are summed. Any other input is a
+    constant of the program (a parameter leaf, docs/maths.md §4.12): ``g`` is summed to exactly its shape."""
+    if len(shape) == g.dim() and shape[0] == batch:
+        dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
+        return g.sum(dims, keepdim=True) if dims else g
+    return g.sum_to_size(tuple(shape))
+
+
+def _per_sample_product(c: Tensor, v: Tensor, batch: int) -> Tensor:
+    """``c ⊙ v`` with ``c`` of ``k·batch`` rows and ``v`` either per-sample (``batch`` rows) or a constant that
+    broadcasts from the trailing dimensions."""
+    if v.dim() == c.dim() and v.shape[0] == batch:
+        return (per_copy(c, batch) * v).flatten(0, 1)
+    return c * v
+
+
+class FunctionalWeights:
+    """The parameters of ``F.linear(h, self.W, self.b)`` read in the forward, standing in for the module a
+    :class:`Linear` node reads (live, like a module's)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+class Parameter(Op):
+    """A parameter read directly in the forward (an fx ``get_attr``): a leaf of the program with no input
+    (docs/maths.md §4.12). It does not depend on ``x``, so its tangent is 0 and no cotangent of the backward
+    pass reaches it; what reaches it is the source ``ŝ`` of its consumers in the backward-backward pass and
+    ``η`` in the forward-backward pass, and both are its gradient: ``B = I``, ``∇θ = ŝ + η``."""
+
+    kind = "parameter"
+
+    def __init__(self, name: str, tensor: Tensor) -> None:
+        super().__init__(name)
+        self.tensor = tensor
+
+    def params(self):
+        return [self.tensor] if isinstance(self.tensor, nn.Parameter) else []
+
+    def run(self, xs, ctx):
+        return self.tensor.detach(), None
+
+    def tangent(self, qs, saved, K):
+        raise RuntimeError(f"{self.name}: a parameter leaf has no tangent")
+
+    def cotangent(self, c, saved, K):
+        return []
+
+    def param_grads(self, eta, saved, want, K):
+        return [eta.sum_to_size(self.tensor.shape) if want and want[0] else None][:len(want)]
+
+
+class ParameterFunction(Opaque):
+    """A traced call whose tensor inputs are all parameter leaves or other parameter functions (``cls.expand(B,
+    -1, -1)``, ``W.t()``, ``gamma.view(1, -1, 1, 1)``): it does not depend on ``x``, so the passes only ever
+    ask for its VJP in the forward-backward pass (``η`` to its inputs), which local autograd gives exactly, once
+    per penalty, on parameter-sized tensors. Never on the path of ``x``, it runs no per-class work: native."""
+
+    kind = "parameter-function"
+    native = True
+    has_source = False
+
+
+class Product(Op):
+    """``y = a ⊙ b`` of two nodes, broadcasting (docs/maths.md §4.13): squeeze-excitation ``x * s``, gating
+    ``a * silu(b)``, a parameter leaf ``x * γ``. ``A(q_a, q_b) = q_a ⊙ b + a ⊙ q_b``, ``Aᵀ c = (c ⊙ b, c ⊙ a)``
+    and the source ``(Σ_copies ξ ⊙ q_b, Σ_copies ξ ⊙ q_a)``, each reduced to its input's shape. ``A`` depends
+    on the forward point (through ``a`` and ``b``), hence the source; for a parameter leaf it is the mixed
+    term θ̂. ``saved`` is ``(a, b, batch)``."""
+
+    kind = "product"
+    has_source = True
+
+    def run(self, xs, ctx):
+        a, b = xs
+        if a.dim() != b.dim() and all(t.dim() and t.shape[0] == ctx.batch for t in (a, b)):
+            raise UnsupportedOp(f"{self.name} multiplies tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        return a * b, (a, b, ctx.batch)
+
+    def tangent(self, qs, saved, K):
+        a, b, batch = saved
+        y = None
+        if qs[0] is not None:
+            y = _per_sample_product(qs[0], b, batch)
+        if qs[1] is not None:
+            t = _per_sample_product(qs[1], a, batch)
+            y = t if y is None else y + t
+        return y
+
+    def cotangent(self, c, saved, K):
+        a, b, batch = saved
+        return [reduce_to(_per_sample_product(c, b, batch), a.shape, batch),
+                reduce_to(_per_sample_product(c, a, batch), b.shape, batch)]
+
+    def source(self, xi, qs, saved, K):
+        a, b, batch = saved
+
+        def term(q: Optional[Tensor], shape) -> Optional[Tensor]:  # Σ_copies ξ ⊙ q, reduced to the input's shape
+            return None if q is None else reduce_to((per_copy(xi, batch) * per_copy(q, batch)).sum(0), shape, batch)
+
+        return [term(qs[1], a.shape), term(qs[0], b.shape)]
+
+
+class Difference(Op):
+    """``y = a − b`` of two nodes, broadcasting: ``A(q_a, q_b) = q_a − q_b``, ``Aᵀ c = (c, −c)`` reduced to each
+    input's shape. No θ, source 0."""
+
+    kind = "difference"
+
+    def run(self, xs, ctx):
+        a, b = xs
+        return a - b, (a.shape, b.shape, ctx.batch)
+
+    def tangent(self, qs, saved, K):
+        qa, qb = qs
+        return qa if qb is None else -qb if qa is None else qa - qb
+
+    def cotangent(self, c, saved, K):
+        sa, sb, batch = saved
+        return [reduce_to(c, sa, batch), reduce_to(-c, sb, batch)]
+
+
+class ConstantAffine(Unary):
+    """An elementwise affine map of one node by a constant ``c`` (a number, a buffer, any value that depends
+    neither on ``x`` nor on a parameter): ``x * c``, ``c * x``, ``x / c``, ``x + c``,
+    ``x − c``, ``c − x``, ``−x`` (docs/maths.md §4.13). The forward is the traced call itself (bit for bit);
+    ``A q = ±q``, ``q ⊙ c`` or ``q / c`` (broadcast to the output), ``Aᵀ`` the same reduced to the input's shape.
+    No θ, source 0. ``how`` is ``"mul"``, ``"div"`` or ``"shift"`` with ``sign`` ±1; ``factor(values)`` reads the
+    constant of this call from the pass's traced values. ``saved`` is ``(c or None, x.shape, y.shape, batch)``."""
+
+    kind = "constant-affine"
+
+    def __init__(self, name: str, call: Callable, how: str, sign: float = 1.0,
+                 factor: Optional[Callable[[Mapping], Any]] = None) -> None:
+        super().__init__(name)
+        if how not in ("mul", "div", "shift"):
+            raise ValueError(f"ConstantAffine: how must be 'mul', 'div' or 'shift', got {how!r}")
+        self.call, self.how, self.sign, self.factor = call, how, sign, factor
+
+    def forward(self, x, ctx):
+        y = self.call([x], ctx.values)
+        c = self.factor(ctx.values) if self.how != "shift" else None
+        if isinstance(c, Tensor) and c.dim() >= x.dim() and c.shape[0] != 1:
+            raise UnsupportedOp(f"{self.name} broadcasts x of shape {tuple(x.shape)} with a constant of shape "
+                                f"{tuple(c.shape)} along the batch dimension")
+        return y, (c, x.shape, y.shape, ctx.batch)
+
+    def _apply(self, q: Tensor, c) -> Tensor:
+        if self.how == "mul":
+            return q * c
+        if self.how == "div":
+            return q / c
+        return q if self.sign > 0 else -q
+
+    def linear(self, q, saved, K):
+        c, _, y_shape, _ = saved
+        return self._apply(q, c).expand(_rows(y_shape, q.shape[0]))
+
+    def transpose(self, c_out, saved, K):
+        c, x_shape, _, batch = saved
+        return reduce_to(self._apply(c_out, c), _rows(x_shape, c_out.shape[0]), c_out.shape[0])

@@ -117,6 +117,12 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "t
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+#: elementwise arithmetic lowered by ``_Lowering._arithmetic`` (docs/maths.md §4.13)
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+               torch.true_divide: "div", operator.sub: "sub", torch.sub: "sub", operator.neg: "neg", torch.neg: "neg",
+               operator.add: "add", torch.add: "add"}
+_ARITHMETIC_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "sub": "sub", "neg": "neg", "add": "add",
+                       "__mul__": "mul", "__rmul__": "mul", "__truediv__": "div", "__sub__": "sub", "__neg__": "neg"}
 
 
 def _has_node(a) -> bool:
@@ -160,6 +166,8 @@ class _Lowering:
                                         f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
         placeholder = placeholders[0]
         index: Dict[fx.Node, int] = {placeholder: INPUT}
+        leaves: Dict[fx.Node, Tensor] = {}   # get_attr of a parameter -> the parameter
+        dependent = {placeholder}            # the traced values that depend on x
         ops: List[N.Op] = []
         args: List[List[int]] = []
         steps: List[Step] = []
@@ -178,21 +186,34 @@ class _Lowering:
                 continue
             if node.op == "get_attr":
                 if isinstance(_attr(self.model, node.target), nn.Parameter):
-                    raise UnsupportedModelError(
-                        f"the forward uses the parameter '{node.target}' directly (outside a module call); "
-                        "wrap it in a module (it then runs as an opaque node)")
+                    leaves[node] = _attr(self.model, node.target)  # a parameter leaf once a call reads it
                 steps.append(Step(self._call(node)))
                 continue
-            inputs: List[fx.Node] = []
-            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in index else None)
-            meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
+            found: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
+            meta = not found or (node.op == "call_method" and node.target in _META_METHODS) or \
                 (node.op == "call_function" and node.target is builtins.getattr)
             if meta:
                 steps.append(Step(self._call(node)))
                 continue
-            inputs = list(dict.fromkeys(inputs))  # each producer once, in order of appearance
-            op = self._make_op(node, inputs)
-            if isinstance(op, (N.Add, N.Cat)):
+            folded = self._functional_linear(node, dependent, leaves)
+            if folded is not None:
+                op, inputs = folded[0], [folded[1]]
+            else:
+                for a in dict.fromkeys(found):  # parameters read here become leaves (docs/maths.md §4.12)
+                    if a not in index:
+                        index[a] = len(ops)
+                        steps.append(Step(self._call(a), len(ops)))
+                        ops.append(N.Parameter(str(a.target), leaves[a]))
+                        args.append([])
+                inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
+                if not any(a in dependent for a in inputs):
+                    op = N.ParameterFunction(self._name(node), self._call(node, inputs))
+                else:
+                    op = self._make_op(node, inputs)
+            if any(a in dependent for a in inputs):
+                dependent.add(node)
+            if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
                 inputs = []
                 fx.node.map_arg(node.args, inputs.append)  # every operand, in order
             index[node] = len(ops)
@@ -237,6 +258,9 @@ class _Lowering:
                 raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
             return make(str(node.target), m)
         target = node.target
+        arithmetic = self._arithmetic(node, inputs, name)
+        if arithmetic is not None:
+            return arithmetic
         if node.op == "call_method":
             if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
                 return MODULE_KINDS[METHOD_KINDS[target]](name, METHOD_KINDS[target]())
@@ -281,6 +305,52 @@ class _Lowering:
                     return self._opaque(node, inputs)
                 return MODULE_KINDS[cls](name, module)
         return self._opaque(node, inputs)
+
+    # ---- parameters, products and constants (docs/maths.md §4.12, §4.13)
+    def _functional_linear(self, node: fx.Node, dependent: set,
+                           leaves: Dict[fx.Node, Tensor]) -> Optional[Tuple[N.Op, fx.Node]]:
+        """``F.linear(h, self.W, self.b)`` with ``h`` depending on ``x`` and ``W``, ``b`` parameters read directly:
+        a :class:`~dbprop.nodes.Linear` node on ``h`` reading the live parameters (and its input node)."""
+        if node.op != "call_function" or node.target is not F.linear:
+            return None
+        kw = _normalized(node) or {}
+        h, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
+        if h not in dependent or w not in leaves or not (b is None or b in leaves):
+            return None
+        return N.Linear(self._name(node), N.FunctionalWeights(leaves[w], None if b is None else leaves[b])), h
+
+    def _arithmetic(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """Products, differences and quotients: of two nodes (:class:`~dbprop.nodes.Product`,
+        :class:`~dbprop.nodes.Difference`; a quotient of two nodes stays opaque), or of one node and a constant
+        (:class:`~dbprop.nodes.ConstantAffine`), negation included. ``None``: not one of these."""
+        how = _ARITHMETIC.get(node.target) if node.op == "call_function" else \
+            _ARITHMETIC_METHODS.get(node.target) if node.op == "call_method" else None
+        if how is None or node.kwargs:
+            return None
+        operands = list(node.args)
+        if how == "neg":
+            if len(operands) == 1 and operands[0] in inputs:
+                return N.ConstantAffine(name, self._call(node, tuple(inputs)), "shift", -1.0)
+            return None
+        if len(operands) != 2:
+            return None
+        nodes = [isinstance(a, fx.Node) and a in inputs for a in operands]
+        if all(nodes):
+            return N.Product(name) if how == "mul" else N.Difference(name) if how == "sub" else None
+        if not any(nodes) or len(inputs) != 1:
+            return None
+        at = nodes.index(True)
+        other = operands[1 - at]
+        call = self._call(node, tuple(inputs))
+        if how in ("add", "sub"):
+            return N.ConstantAffine(name, call, "shift", -1.0 if how == "sub" and at == 1 else 1.0)
+        if how == "div" and at == 1:
+            return None  # c / x depends on x beyond a constant factor: opaque (exact)
+
+        def factor(values, other=other):
+            return values[other] if isinstance(other, fx.Node) else other
+
+        return N.ConstantAffine(name, call, how, 1.0, factor)
 
     def _reshape(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
