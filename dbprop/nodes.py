@@ -197,6 +197,12 @@ class RunContext:
     update_stats: bool
     batch: int
     values: Mapping[Any, Any] = field(default_factory=dict)
+    #: per input of the node being run: does it depend on ``x`` (rows per sample)? The others are constants of
+    #: the program (parameter leaves, docs/maths.md §4.12). ``None``: every input does.
+    per_sample: Optional[Sequence[bool]] = None
+
+    def input_per_sample(self, xs: Sequence[Tensor]) -> List[bool]:
+        return [True] * len(xs) if self.per_sample is None else list(self.per_sample)
 
 
 # ----------------------------------------------------------------------------------------------- base
@@ -839,13 +845,13 @@ class Add(Op):
     kind = "add"
 
     def run(self, xs, ctx):
-        per_sample = [x for x in xs if x.dim() and x.shape[0] == ctx.batch]
-        if len({x.dim() for x in per_sample}) > 1:
-            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        per_sample = ctx.input_per_sample(xs)
         y = xs[0]
         for x in xs[1:]:
             y = y + x
-        return y, ([x.shape for x in xs], ctx.batch, y.shape)
+        if any(p and x.dim() != y.dim() for x, p in zip(xs, per_sample)):
+            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        return y, ([x.shape for x in xs], per_sample, y.shape)
 
     def tangent(self, qs, saved, K):
         terms = [q for q in qs if q is not None]
@@ -855,8 +861,8 @@ class Add(Op):
         return y.expand(_rows(saved[2], y.shape[0]))  # a constant operand may broadcast the others
 
     def cotangent(self, c, saved, K):
-        shapes, batch, _ = saved
-        return [reduce_to(c, shape, batch) for shape in shapes]
+        shapes, per_sample, _ = saved
+        return [reduce_to(c, shape, p) for shape, p in zip(shapes, per_sample)]
 
 
 class Cat(Op):
@@ -1000,24 +1006,22 @@ def _stack_rows(parts: List[Optional[Tensor]], like: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------ parameters, products, constants
-def reduce_to(g: Tensor, shape: Sequence[int], batch: int) -> Tensor:
+def reduce_to(g: Tensor, shape: Sequence[int], per_sample: bool) -> Tensor:
     """``g`` (a cotangent or source of a broadcasting node's output) summed to the shape of one input.
 
-    An input with ``batch`` rows first and as many dimensions as ``g`` is a per-sample tensor: its rows are kept
-    (``g`` may carry ``k·batch`` rows) and only the dimensions it broadcasts are summed. Any other input is a
-    constant of the program (a parameter leaf, docs/maths.md §4.12): ``g`` is summed to exactly its shape."""
-    if len(shape) == g.dim() and shape[0] == batch:
+    A ``per_sample`` input (one that depends on ``x``) keeps the rows of ``g`` (``g`` may carry ``k·B`` rows)
+    and only the dimensions it broadcasts are summed. Any other input is a constant of the program (a parameter
+    leaf, docs/maths.md §4.12): ``g`` is summed to exactly its shape."""
+    if per_sample:
         dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
         return g.sum(dims, keepdim=True) if dims else g
     return g.sum_to_size(tuple(shape))
 
 
-def _per_sample_product(c: Tensor, v: Tensor, batch: int) -> Tensor:
-    """``c ⊙ v`` with ``c`` of ``k·batch`` rows and ``v`` either per-sample (``batch`` rows) or a constant that
+def _times(c: Tensor, v: Tensor, per_sample: bool, batch: int) -> Tensor:
+    """``c ⊙ v`` with ``c`` of ``k·batch`` rows and ``v`` per-sample (``batch`` rows) or a constant that
     broadcasts from the trailing dimensions."""
-    if v.dim() == c.dim() and v.shape[0] == batch:
-        return (per_copy(c, batch) * v).flatten(0, 1)
-    return c * v
+    return (per_copy(c, batch) * v).flatten(0, 1) if per_sample else c * v
 
 
 class FunctionalWeights:
@@ -1032,7 +1036,7 @@ class FunctionalWeights:
         return self.weight.shape[1]
 
 
-class Parameter(Op):
+class ParameterLeaf(Op):
     """A parameter read directly in the forward (an fx ``get_attr``): a leaf of the program with no input
     (docs/maths.md §4.12). It does not depend on ``x``, so its tangent is 0 and no cotangent of the backward
     pass reaches it; what reaches it is the source ``ŝ`` of its consumers in the backward-backward pass and
@@ -1076,39 +1080,42 @@ class Product(Op):
     ``a * silu(b)``, a parameter leaf ``x * γ``. ``A(q_a, q_b) = q_a ⊙ b + a ⊙ q_b``, ``Aᵀ c = (c ⊙ b, c ⊙ a)``
     and the source ``(Σ_copies ξ ⊙ q_b, Σ_copies ξ ⊙ q_a)``, each reduced to its input's shape. ``A`` depends
     on the forward point (through ``a`` and ``b``), hence the source; for a parameter leaf it is the mixed
-    term θ̂. ``saved`` is ``(a, b, batch)``."""
+    term θ̂. ``saved`` is ``(a, b, per-sample flags, batch)``."""
 
     kind = "product"
     has_source = True
 
     def run(self, xs, ctx):
         a, b = xs
-        if a.dim() != b.dim() and all(t.dim() and t.shape[0] == ctx.batch for t in (a, b)):
+        per_sample = ctx.input_per_sample(xs)
+        y = a * b
+        if any(p and t.dim() != y.dim() for t, p in zip(xs, per_sample)):
             raise UnsupportedOp(f"{self.name} multiplies tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        return a * b, (a, b, ctx.batch)
+        return y, (a, b, per_sample, ctx.batch)
 
     def tangent(self, qs, saved, K):
-        a, b, batch = saved
+        a, b, (pa, pb), batch = saved
         y = None
         if qs[0] is not None:
-            y = _per_sample_product(qs[0], b, batch)
+            y = _times(qs[0], b, pb, batch)
         if qs[1] is not None:
-            t = _per_sample_product(qs[1], a, batch)
+            t = _times(qs[1], a, pa, batch)
             y = t if y is None else y + t
         return y
 
     def cotangent(self, c, saved, K):
-        a, b, batch = saved
-        return [reduce_to(_per_sample_product(c, b, batch), a.shape, batch),
-                reduce_to(_per_sample_product(c, a, batch), b.shape, batch)]
+        a, b, (pa, pb), batch = saved
+        return [reduce_to(_times(c, b, pb, batch), a.shape, pa), reduce_to(_times(c, a, pa, batch), b.shape, pb)]
 
     def source(self, xi, qs, saved, K):
-        a, b, batch = saved
+        a, b, (pa, pb), batch = saved
 
-        def term(q: Optional[Tensor], shape) -> Optional[Tensor]:  # Σ_copies ξ ⊙ q, reduced to the input's shape
-            return None if q is None else reduce_to((per_copy(xi, batch) * per_copy(q, batch)).sum(0), shape, batch)
+        def term(q: Optional[Tensor], shape, per_sample: bool) -> Optional[Tensor]:
+            """``Σ_copies ξ ⊙ q`` (``B`` rows), reduced to the input's shape."""
+            return None if q is None else reduce_to((per_copy(xi, batch) * per_copy(q, batch)).sum(0), shape,
+                                                    per_sample)
 
-        return [term(qs[1], a.shape), term(qs[0], b.shape)]
+        return [term(qs[1], a.shape, pa), term(qs[0], b.shape, pb)]
 
 
 class Difference(Op):
@@ -1118,16 +1125,15 @@ class Difference(Op):
     kind = "difference"
 
     def run(self, xs, ctx):
-        a, b = xs
-        return a - b, (a.shape, b.shape, ctx.batch)
+        return xs[0] - xs[1], (xs[0].shape, xs[1].shape, ctx.input_per_sample(xs))
 
     def tangent(self, qs, saved, K):
         qa, qb = qs
         return qa if qb is None else -qb if qa is None else qa - qb
 
     def cotangent(self, c, saved, K):
-        sa, sb, batch = saved
-        return [reduce_to(c, sa, batch), reduce_to(-c, sb, batch)]
+        sa, sb, (pa, pb) = saved
+        return [reduce_to(c, sa, pa), reduce_to(-c, sb, pb)]
 
 
 class ConstantAffine(Unary):
@@ -1136,7 +1142,7 @@ class ConstantAffine(Unary):
     ``x − c``, ``c − x``, ``−x`` (docs/maths.md §4.13). The forward is the traced call itself (bit for bit);
     ``A q = ±q``, ``q ⊙ c`` or ``q / c`` (broadcast to the output), ``Aᵀ`` the same reduced to the input's shape.
     No θ, source 0. ``how`` is ``"mul"``, ``"div"`` or ``"shift"`` with ``sign`` ±1; ``factor(values)`` reads the
-    constant of this call from the pass's traced values. ``saved`` is ``(c or None, x.shape, y.shape, batch)``."""
+    constant of this call from the pass's traced values. ``saved`` is ``(c or None, x.shape, y.shape)``."""
 
     kind = "constant-affine"
 
@@ -1150,10 +1156,10 @@ class ConstantAffine(Unary):
     def forward(self, x, ctx):
         y = self.call([x], ctx.values)
         c = self.factor(ctx.values) if self.how != "shift" else None
-        if isinstance(c, Tensor) and c.dim() >= x.dim() and c.shape[0] != 1:
+        if isinstance(c, Tensor) and (c.dim() > x.dim() or c.dim() == x.dim() and c.shape[0] != 1):
             raise UnsupportedOp(f"{self.name} broadcasts x of shape {tuple(x.shape)} with a constant of shape "
                                 f"{tuple(c.shape)} along the batch dimension")
-        return y, (c, x.shape, y.shape, ctx.batch)
+        return y, (c, x.shape, y.shape)
 
     def _apply(self, q: Tensor, c) -> Tensor:
         if self.how == "mul":
@@ -1163,9 +1169,9 @@ class ConstantAffine(Unary):
         return q if self.sign > 0 else -q
 
     def linear(self, q, saved, K):
-        c, _, y_shape, _ = saved
+        c, _, y_shape = saved
         return self._apply(q, c).expand(_rows(y_shape, q.shape[0]))
 
     def transpose(self, c_out, saved, K):
-        c, x_shape, _, batch = saved
-        return reduce_to(self._apply(c_out, c), _rows(x_shape, c_out.shape[0]), c_out.shape[0])
+        c = saved[0]
+        return reduce_to(self._apply(c_out, c), saved[1], True)

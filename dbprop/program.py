@@ -114,6 +114,8 @@ class _Tracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------------- graph -> nodes
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "type", "is_floating_point"}
+#: tensor attributes that are not tensors (``x.shape``): reading one is a meta call; others (``W.T``) are calls
+_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
@@ -192,7 +194,7 @@ class _Lowering:
             found: List[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
             meta = not found or (node.op == "call_method" and node.target in _META_METHODS) or \
-                (node.op == "call_function" and node.target is builtins.getattr)
+                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in _META_ATTRIBUTES)
             if meta:
                 steps.append(Step(self._call(node)))
                 continue
@@ -204,10 +206,13 @@ class _Lowering:
                     if a not in index:
                         index[a] = len(ops)
                         steps.append(Step(self._call(a), len(ops)))
-                        ops.append(N.Parameter(str(a.target), leaves[a]))
+                        ops.append(N.ParameterLeaf(str(a.target), leaves[a]))
                         args.append([])
                 inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
                 if not any(a in dependent for a in inputs):
+                    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+                        raise UnsupportedModelError(f"the in-place call {self._name(node)} on a parameter cannot be "
+                                                    "represented; write it out of place")
                     op = N.ParameterFunction(self._name(node), self._call(node, inputs))
                 else:
                     op = self._make_op(node, inputs)

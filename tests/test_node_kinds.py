@@ -163,7 +163,7 @@ CASES = {
     nodes.Add: {"residual": (_seq(nn.Conv2d(2, 2, 1), Residual(2), nn.Flatten(), nn.Linear(18, 3)), (2, 3, 3))},
     nodes.Cat: {"cat": (_seq(Concat(), nn.Tanh(), nn.Linear(5, 3)), (5,))},
     # issue 17 items 2, 5a, 6: parameter leaves, products, constants
-    nodes.Parameter: {"vit": (TinyViT, (4, 5))},
+    nodes.ParameterLeaf: {"vit": (TinyViT, (4, 5))},
     nodes.ParameterFunction: {"class-token": (TinyViT, (4, 5))},
     nodes.Product: {"squeeze-excite": (SqueezeExcite, (2, 4, 5)), "gating": (Gated, (5,)),
                     "layer-scale": (TinyViT, (4, 5))},
