@@ -131,6 +131,8 @@ def _seq(*layers):
 CASES = {
     nodes.Linear: {"mlp": (_seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (5,)),
                    "tokens": (_seq(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 3)), (2, 5)),
+                   "tokens-chain": (_seq(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.Flatten(), nn.Linear(9, 3)),
+                                    (3, 5)),  # the native chain driver (csrc/passes.cpp) on (B, S, D)
                    "functional": (FunctionalLinear, (4, 5))},
     nodes.Conv: {"conv2d": (_seq(nn.Conv2d(2, 3, 3, 2, 1), nn.GELU(), nn.Flatten(), nn.Linear(3 * 3 * 2, 3)), (2, 5, 4)),
                  "conv1d": (_seq(nn.Conv1d(2, 3, 2, dilation=2), nn.SiLU(), nn.Flatten(), nn.Linear(15, 3)), (2, 7))},
