@@ -86,7 +86,7 @@ class Passes:
                 env[step.node] = step.call((), env)
             else:
                 xs = [x if m == INPUT else env[p.op_nodes[m]] for m in p.args[n]]
-                ctx.per_sample = [m == INPUT or p.depends_on_input[m] for m in p.args[n]]
+                ctx.per_sample = p.args_per_sample[n]
                 try:
                     y, saved[n] = p.ops[n].run(xs, ctx)
                 except UnsupportedOp:
