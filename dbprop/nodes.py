@@ -210,6 +210,12 @@ class RunContext:
     update_stats: bool
     batch: int
     values: Mapping[Any, Any] = field(default_factory=dict)
+    #: per input of the node being run: does it depend on ``x`` (rows per sample)? The others are constants of
+    #: the program (parameter leaves, docs/maths.md §4.14). ``None``: every input does.
+    per_sample: Optional[Sequence[bool]] = None
+
+    def input_per_sample(self, xs: Sequence[Tensor]) -> List[bool]:
+        return [True] * len(xs) if self.per_sample is None else list(self.per_sample)
 
 
 # ----------------------------------------------------------------------------------------------- base
@@ -1008,29 +1014,24 @@ class Add(Op):
     kind = "add"
 
     def run(self, xs, ctx):
-        if len({x.dim() for x in xs}) != 1:
-            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        per_sample = ctx.input_per_sample(xs)
         y = xs[0]
         for x in xs[1:]:
             y = y + x
-        return y, [x.shape for x in xs]
+        if any(p and x.dim() != y.dim() for x, p in zip(xs, per_sample)):
+            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        return y, ([x.shape for x in xs], per_sample, y.shape)
 
     def tangent(self, qs, saved, K):
         terms = [q for q in qs if q is not None]
         y = terms[0]
         for q in terms[1:]:
             y = y + q
-        return y
+        return y.expand(_rows(saved[2], y.shape[0]))  # a constant operand may broadcast the others
 
     def cotangent(self, c, saved, K):
-        out = []
-        for shape in saved:
-            g = c
-            dims = [d for d in range(1, c.dim()) if shape[d] == 1 and c.shape[d] != 1]
-            if dims:
-                g = g.sum(dims, keepdim=True)
-            out.append(g)
-        return out
+        shapes, per_sample, _ = saved
+        return [reduce_to(c, shape, p) for shape, p in zip(shapes, per_sample)]
 
 
 class Cat(Op):
@@ -1300,3 +1301,175 @@ class Opaque(Op):
 
 def _stack_rows(parts: List[Optional[Tensor]], like: Tensor) -> Tensor:
     return torch.cat([p if p is not None else torch.zeros_like(like) for p in parts], 0)
+
+
+# ------------------------------------------------------------------------ parameters, products, constants
+def reduce_to(g: Tensor, shape: Sequence[int], per_sample: bool) -> Tensor:
+    """``g`` (a cotangent or source of a broadcasting node's output) summed to the shape of one input.
+
+    A ``per_sample`` input (one that depends on ``x``) keeps the rows of ``g`` (``g`` may carry ``k·B`` rows)
+    and only the dimensions it broadcasts are summed. Any other input is a constant of the program (a parameter
+    leaf, docs/maths.md §4.14): ``g`` is summed to exactly its shape."""
+    if per_sample:
+        dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
+        return g.sum(dims, keepdim=True) if dims else g
+    return g.sum_to_size(tuple(shape))
+
+
+def _times(c: Tensor, v: Tensor, per_sample: bool, batch: int) -> Tensor:
+    """``c ⊙ v`` with ``c`` of ``k·batch`` rows and ``v`` per-sample (``batch`` rows) or a constant that
+    broadcasts from the trailing dimensions."""
+    return (per_copy(c, batch) * v).flatten(0, 1) if per_sample else c * v
+
+
+class FunctionalWeights:
+    """The parameters of ``F.linear(h, self.W, self.b)`` read in the forward, standing in for the module a
+    :class:`Linear` node reads (live, like a module's)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+class ParameterLeaf(Op):
+    """A parameter read directly in the forward (an fx ``get_attr``): a leaf of the program with no input
+    (docs/maths.md §4.14). It does not depend on ``x``, so its tangent is 0 and no cotangent of the backward
+    pass reaches it; what reaches it is the source ``ŝ`` of its consumers in the backward-backward pass and
+    ``η`` in the forward-backward pass, and both are its gradient: ``B = I``, ``∇θ = ŝ + η``."""
+
+    kind = "parameter"
+
+    def __init__(self, name: str, tensor: Tensor) -> None:
+        super().__init__(name)
+        self.tensor = tensor
+
+    def params(self):
+        return [self.tensor] if isinstance(self.tensor, nn.Parameter) else []
+
+    def run(self, xs, ctx):
+        return self.tensor.detach(), None
+
+    def tangent(self, qs, saved, K):
+        raise RuntimeError(f"{self.name}: a parameter leaf has no tangent")
+
+    def cotangent(self, c, saved, K):
+        return []
+
+    def param_grads(self, eta, saved, want, K):
+        return [eta.sum_to_size(self.tensor.shape) if want and want[0] else None][:len(want)]
+
+
+class ParameterFunction(Opaque):
+    """A traced call whose tensor inputs are all parameter leaves or other parameter functions (``cls.expand(B,
+    -1, -1)``, ``W.t()``, ``gamma.view(1, -1, 1, 1)``): it does not depend on ``x``, so the passes only ever
+    ask for its VJP in the forward-backward pass (``η`` to its inputs), which local autograd gives exactly, once
+    per penalty, on parameter-sized tensors. Never on the path of ``x``, it runs no per-class work: native."""
+
+    kind = "parameter-function"
+    native = True
+    has_source = False
+
+
+class Product(Op):
+    """``y = a ⊙ b`` of two nodes, broadcasting (docs/maths.md §4.15): squeeze-excitation ``x * s``, gating
+    ``a * silu(b)``, a parameter leaf ``x * γ``. ``A(q_a, q_b) = q_a ⊙ b + a ⊙ q_b``, ``Aᵀ c = (c ⊙ b, c ⊙ a)``
+    and the source ``(Σ_copies ξ ⊙ q_b, Σ_copies ξ ⊙ q_a)``, each reduced to its input's shape. ``A`` depends
+    on the forward point (through ``a`` and ``b``), hence the source; for a parameter leaf it is the mixed
+    term θ̂. ``saved`` is ``(a, b, per-sample flags, batch)``."""
+
+    kind = "product"
+    has_source = True
+
+    def run(self, xs, ctx):
+        a, b = xs
+        per_sample = ctx.input_per_sample(xs)
+        y = a * b
+        if any(p and t.dim() != y.dim() for t, p in zip(xs, per_sample)):
+            raise UnsupportedOp(f"{self.name} multiplies tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        return y, (a, b, per_sample, ctx.batch)
+
+    def tangent(self, qs, saved, K):
+        a, b, (pa, pb), batch = saved
+        y = None
+        if qs[0] is not None:
+            y = _times(qs[0], b, pb, batch)
+        if qs[1] is not None:
+            t = _times(qs[1], a, pa, batch)
+            y = t if y is None else y + t
+        return y
+
+    def cotangent(self, c, saved, K):
+        a, b, (pa, pb), batch = saved
+        return [reduce_to(_times(c, b, pb, batch), a.shape, pa), reduce_to(_times(c, a, pa, batch), b.shape, pb)]
+
+    def source(self, xi, qs, saved, K):
+        a, b, (pa, pb), batch = saved
+
+        def term(q: Optional[Tensor], shape, per_sample: bool) -> Optional[Tensor]:
+            """``Σ_copies ξ ⊙ q`` (``B`` rows), reduced to the input's shape."""
+            return None if q is None else reduce_to((per_copy(xi, batch) * per_copy(q, batch)).sum(0), shape,
+                                                    per_sample)
+
+        return [term(qs[1], a.shape, pa), term(qs[0], b.shape, pb)]
+
+
+class Difference(Op):
+    """``y = a − b`` of two nodes, broadcasting: ``A(q_a, q_b) = q_a − q_b``, ``Aᵀ c = (c, −c)`` reduced to each
+    input's shape. No θ, source 0."""
+
+    kind = "difference"
+
+    def run(self, xs, ctx):
+        return xs[0] - xs[1], (xs[0].shape, xs[1].shape, ctx.input_per_sample(xs))
+
+    def tangent(self, qs, saved, K):
+        qa, qb = qs
+        return qa if qb is None else -qb if qa is None else qa - qb
+
+    def cotangent(self, c, saved, K):
+        sa, sb, (pa, pb) = saved
+        return [reduce_to(c, sa, pa), reduce_to(-c, sb, pb)]
+
+
+class ConstantAffine(Unary):
+    """An elementwise affine map of one node by a constant ``c`` (a number, a buffer, any value that depends
+    neither on ``x`` nor on a parameter): ``x * c``, ``c * x``, ``x / c``, ``x + c``,
+    ``x − c``, ``c − x``, ``−x`` (docs/maths.md §4.15). The forward is the traced call itself (bit for bit);
+    ``A q = ±q``, ``q ⊙ c`` or ``q / c`` (broadcast to the output), ``Aᵀ`` the same reduced to the input's shape.
+    No θ, source 0. ``how`` is ``"mul"``, ``"div"`` or ``"shift"`` with ``sign`` ±1; ``factor(values)`` reads the
+    constant of this call from the pass's traced values. ``saved`` is ``(c or None, x.shape, y.shape)``."""
+
+    kind = "constant-affine"
+
+    def __init__(self, name: str, call: Callable, how: str, sign: float = 1.0,
+                 factor: Optional[Callable[[Mapping], Any]] = None) -> None:
+        super().__init__(name)
+        if how not in ("mul", "div", "shift"):
+            raise ValueError(f"ConstantAffine: how must be 'mul', 'div' or 'shift', got {how!r}")
+        self.call, self.how, self.sign, self.factor = call, how, sign, factor
+
+    def forward(self, x, ctx):
+        y = self.call([x], ctx.values)
+        c = self.factor(ctx.values) if self.how != "shift" else None
+        if isinstance(c, Tensor) and (c.dim() > x.dim() or c.dim() == x.dim() and c.shape[0] != 1):
+            raise UnsupportedOp(f"{self.name} broadcasts x of shape {tuple(x.shape)} with a constant of shape "
+                                f"{tuple(c.shape)} along the batch dimension")
+        return y, (c, x.shape, y.shape)
+
+    def _apply(self, q: Tensor, c) -> Tensor:
+        if self.how == "mul":
+            return q * c
+        if self.how == "div":
+            return q / c
+        return q if self.sign > 0 else -q
+
+    def linear(self, q, saved, K):
+        c, _, y_shape = saved
+        return self._apply(q, c).expand(_rows(y_shape, q.shape[0]))
+
+    def transpose(self, c_out, saved, K):
+        c = saved[0]
+        return reduce_to(self._apply(c_out, c), saved[1], True)

@@ -146,6 +146,8 @@ class _Tracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------------- graph -> nodes
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "type", "is_floating_point"}
+#: tensor attributes that are not tensors (``x.shape``): reading one is a meta call; others (``W.T``) are calls
+_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
@@ -211,6 +213,12 @@ def _drop_specialised(graph: fx.Graph) -> None:
         if all(n is ph or (n.op == "call_function" and n.target in checks) for n in closure):
             for n in reversed([n for n in graph.nodes if n in closure]):
                 graph.erase_node(n)
+#: elementwise arithmetic lowered by ``_Lowering._arithmetic`` (docs/maths.md §4.15)
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+               torch.true_divide: "div", operator.sub: "sub", torch.sub: "sub", operator.neg: "neg", torch.neg: "neg",
+               operator.add: "add", torch.add: "add"}
+_ARITHMETIC_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "sub": "sub", "neg": "neg", "add": "add",
+                       "__mul__": "mul", "__rmul__": "mul", "__truediv__": "div", "__sub__": "sub", "__neg__": "neg"}
 
 
 def _has_node(a) -> bool:
@@ -246,7 +254,6 @@ class _Lowering:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
-        self._norm_calls: Dict[fx.Node, Optional[Callable[[str], N.Op]]] = {}
 
     def __call__(self, graph: fx.Graph) -> IR:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -255,6 +262,8 @@ class _Lowering:
                                         f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
         placeholder = placeholders[0]
         index: Dict[fx.Node, int] = {placeholder: INPUT}
+        leaves: Dict[fx.Node, Tensor] = {}   # get_attr of a parameter -> the parameter
+        dependent = {placeholder}            # the traced values that depend on x
         ops: List[N.Op] = []
         args: List[List[int]] = []
         steps: List[Step] = []
@@ -272,23 +281,38 @@ class _Lowering:
                     raise UnsupportedModelError("the model returns its input unchanged")
                 continue
             if node.op == "get_attr":
-                if isinstance(_attr(self.model, node.target), nn.Parameter) and not (
-                        node.users and all(self._norm_call(u) is not None for u in node.users)):
-                    raise UnsupportedModelError(
-                        f"the forward uses the parameter '{node.target}' directly (outside a module call); "
-                        "wrap it in a module (it then runs as an opaque node)")
+                if isinstance(_attr(self.model, node.target), nn.Parameter):
+                    leaves[node] = _attr(self.model, node.target)  # a parameter leaf once a call reads it
                 steps.append(Step(self._call(node)))
                 continue
-            inputs: List[fx.Node] = []
-            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in index else None)
-            meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
-                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] not in _ROUTE_ATTRS)
+            found: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
+            meta = not found or (node.op == "call_method" and node.target in _META_METHODS) or \
+                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in _META_ATTRIBUTES)
             if meta:
                 steps.append(Step(self._call(node)))
                 continue
-            inputs = list(dict.fromkeys(inputs))  # each producer once, in order of appearance
-            op = self._make_op(node, inputs)
-            if isinstance(op, (N.Add, N.Cat)):
+            folded = self._functional_linear(node, dependent, leaves) or self._functional_norm(node, dependent)
+            if folded is not None:
+                op, inputs = folded[0], [folded[1]]
+            else:
+                for a in dict.fromkeys(found):  # parameters read here become leaves (docs/maths.md §4.14)
+                    if a not in index:
+                        index[a] = len(ops)
+                        steps.append(Step(self._call(a), len(ops)))
+                        ops.append(N.ParameterLeaf(str(a.target), leaves[a]))
+                        args.append([])
+                inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
+                if not any(a in dependent for a in inputs):
+                    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+                        raise UnsupportedModelError(f"the in-place call {self._name(node)} on a parameter cannot be "
+                                                    "represented; write it out of place")
+                    op = N.ParameterFunction(self._name(node), self._call(node, inputs))
+                else:
+                    op = self._make_op(node, inputs)
+            if any(a in dependent for a in inputs):
+                dependent.add(node)
+            if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
                 inputs = []
                 fx.node.map_arg(node.args, inputs.append)  # every operand, in order
             index[node] = len(ops)
@@ -338,10 +362,9 @@ class _Lowering:
         if routed is not None:
             return routed
         target = node.target
-        if node.op == "call_function" and target in _NORM_FUNCTIONS:
-            make_norm = self._norm_call(node)
-            if make_norm is not None:
-                return make_norm(name)
+        arithmetic = self._arithmetic(node, inputs, name)
+        if arithmetic is not None:
+            return arithmetic
         if node.op == "call_method":
             if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
                 return MODULE_KINDS[METHOD_KINDS[target]](name, METHOD_KINDS[target]())
@@ -389,13 +412,15 @@ class _Lowering:
 
     # ---- issue 17: functional norms (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm) whose weights and
     # statistics are constants or one module's own parameters and buffers (e.g. in a BatchNorm subclass's forward)
-    def _norm_call(self, node: fx.Node) -> Optional[Callable[[str], N.Op]]:
-        """A factory ``name -> Op`` for a functional norm call the program represents natively, else ``None``."""
-        if node not in self._norm_calls:
-            self._norm_calls[node] = self._match_norm_call(node)
-        return self._norm_calls[node]
+    def _functional_norm(self, node: fx.Node, dependent: set) -> Optional[Tuple[N.Op, fx.Node]]:
+        """A functional norm call on a value that depends on ``x``, reading its module's parameters itself (they
+        do not become parameter leaves): the node and its input."""
+        make = self._match_norm_call(node)
+        h = (_normalized(node) or {}).get("input") if make is not None else None
+        return (make(self._name(node)), h) if h in dependent else None
 
     def _match_norm_call(self, node: fx.Node) -> Optional[Callable[[str], N.Op]]:
+        """A factory ``name -> Op`` for a functional norm call the program represents natively, else ``None``."""
         if node.op != "call_function" or node.target not in _NORM_FUNCTIONS:
             return None
         kw = _normalized(node)
@@ -459,6 +484,52 @@ class _Lowering:
         elif not stats_given:
             return None
         return lambda name: N.BatchNorm(name, m)
+
+    # ---- parameters, products and constants (docs/maths.md §4.14, §4.15)
+    def _functional_linear(self, node: fx.Node, dependent: set,
+                           leaves: Dict[fx.Node, Tensor]) -> Optional[Tuple[N.Op, fx.Node]]:
+        """``F.linear(h, self.W, self.b)`` with ``h`` depending on ``x`` and ``W``, ``b`` parameters read directly:
+        a :class:`~dbprop.nodes.Linear` node on ``h`` reading the live parameters (and its input node)."""
+        if node.op != "call_function" or node.target is not F.linear:
+            return None
+        kw = _normalized(node) or {}
+        h, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
+        if h not in dependent or w not in leaves or not (b is None or b in leaves):
+            return None
+        return N.Linear(self._name(node), N.FunctionalWeights(leaves[w], None if b is None else leaves[b])), h
+
+    def _arithmetic(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """Products, differences and quotients: of two nodes (:class:`~dbprop.nodes.Product`,
+        :class:`~dbprop.nodes.Difference`; a quotient of two nodes stays opaque), or of one node and a constant
+        (:class:`~dbprop.nodes.ConstantAffine`), negation included. ``None``: not one of these."""
+        how = _ARITHMETIC.get(node.target) if node.op == "call_function" else \
+            _ARITHMETIC_METHODS.get(node.target) if node.op == "call_method" else None
+        if how is None or node.kwargs:
+            return None
+        operands = list(node.args)
+        if how == "neg":
+            if len(operands) == 1 and operands[0] in inputs:
+                return N.ConstantAffine(name, self._call(node, tuple(inputs)), "shift", -1.0)
+            return None
+        if len(operands) != 2:
+            return None
+        nodes = [isinstance(a, fx.Node) and a in inputs for a in operands]
+        if all(nodes):
+            return N.Product(name) if how == "mul" else N.Difference(name) if how == "sub" else None
+        if not any(nodes) or len(inputs) != 1:
+            return None
+        at = nodes.index(True)
+        other = operands[1 - at]
+        call = self._call(node, tuple(inputs))
+        if how in ("add", "sub"):
+            return N.ConstantAffine(name, call, "shift", -1.0 if how == "sub" and at == 1 else 1.0)
+        if how == "div" and at == 1:
+            return None  # c / x depends on x beyond a constant factor: opaque (exact)
+
+        def factor(values, other=other):
+            return values[other] if isinstance(other, fx.Node) else other
+
+        return N.ConstantAffine(name, call, how, 1.0, factor)
 
     def _reshape(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:

@@ -118,6 +118,83 @@ class Wave(nn.Module):
     def forward(self, x):
         return torch.sin(x * self.freq)
 
+# ---- parameter leaves, products, constants (issue 17 items 2, 5a, 6)
+class TinyViT(nn.Module):
+    """Tokens from a Linear on (B, S, D) inputs, a class-token parameter concatenated (expanded: a parameter
+    function), a position embedding added, a layer-scale product, a mean over tokens."""
+
+    def __init__(self, s=4, d_in=5, d=6):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, s + 1, d) * 0.5)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+        self.mlp = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos
+        h = h + self.gamma * torch.tanh(self.mlp(h))
+        return self.head(h.mean(1))
+
+
+class FunctionalLinear(nn.Module):
+    """F.linear with parameters read in the forward, on (B, S, D) tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.W1, self.b1 = nn.Parameter(torch.randn(6, 5) * 0.5), nn.Parameter(torch.randn(6))
+        self.W2 = nn.Parameter(torch.randn(3, 6) * 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, self.W1, self.b1)), self.W2)[:, 0]
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> mean over (2, 3) keepdim -> 1×1 convs -> sigmoid -> x * s (s of shape (B, C, 1, 1))."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(2, c, 3)
+        self.reduce, self.expand = nn.Conv2d(c, 3, 1), nn.Conv2d(3, c, 1)
+        self.head = nn.Linear(c * 6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        s = torch.sigmoid(self.expand(torch.relu(self.reduce(h.mean((2, 3), keepdim=True)))))
+        return self.head((h * s).flatten(1))
+
+
+class Gated(nn.Module):
+    """GLU-style gating a * silu(b), torch.mul and x.mul of two activations, a difference of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        g = torch.mul(a * torch.nn.functional.silu(b), torch.sigmoid(a)) - torch.tanh(b)
+        return self.c(g.mul(g))
+
+
+class Normalised(nn.Module):
+    """Input normalisation with buffers and scalar affine maps: (x - mean) / std, 2 * h + 1, -h, x.div(c),
+    torch.sub, x.mul(buffer), h * 0.5, 1 - h, a layer scale read from a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1))
+        self.register_buffer("std", torch.tensor([0.5, 2.0, 1.5]).view(3, 1))
+        self.register_buffer("scale", torch.tensor([1.5, -0.5, 2.0, 0.7]))
+        self.conv = nn.Conv1d(3, 4, 2)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.conv(2 * ((x - self.mean) / self.std) + 1)
+        h = torch.sub(-torch.tanh(h.transpose(1, 2).mul(self.scale)), 0.25).div(3.0)
+        return self.fc((1 - h * 0.5).flatten(1))
+
 
 def _seq(*layers):
     return lambda: nn.Sequential(*layers)
@@ -125,7 +202,11 @@ def _seq(*layers):
 
 #: kind -> {case name: (model factory, per-sample input shape)}; the models end in a Linear with C outputs
 CASES = {
-    nodes.Linear: {"mlp": (_seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (5,))},
+    nodes.Linear: {"mlp": (_seq(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (5,)),
+                   "tokens": (_seq(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 3)), (2, 5)),
+                   "tokens-chain": (_seq(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.Flatten(), nn.Linear(9, 3)),
+                                    (3, 5)),  # the native chain driver (csrc/passes.cpp) on (B, S, D)
+                   "functional": (FunctionalLinear, (4, 5))},
     nodes.Conv: {"conv2d": (_seq(nn.Conv2d(2, 3, 3, 2, 1), nn.GELU(), nn.Flatten(), nn.Linear(3 * 3 * 2, 3)), (2, 5, 4)),
                  "conv1d": (_seq(nn.Conv1d(2, 3, 2, dilation=2), nn.SiLU(), nn.Flatten(), nn.Linear(15, 3)), (2, 7))},
     nodes.BatchNorm: {
@@ -173,6 +254,13 @@ CASES = {
                                                    nn.Linear(5, 3)).eval(), (4,)),
         "timm-p0-train": (_seq(nn.Linear(4, 5), nn.Tanh(), DropPath(0.0), nn.Linear(5, 3)), (4,))},
     nodes.Opaque: {"unknown-module": (_seq(nn.Linear(4, 5), Wave(5), nn.Linear(5, 3)), (4,))},
+    # issue 17 items 2, 5a, 6: parameter leaves, products, constants
+    nodes.ParameterLeaf: {"vit": (TinyViT, (4, 5))},
+    nodes.ParameterFunction: {"class-token": (TinyViT, (4, 5))},
+    nodes.Product: {"squeeze-excite": (SqueezeExcite, (2, 4, 5)), "gating": (Gated, (5,)),
+                    "layer-scale": (TinyViT, (4, 5))},
+    nodes.Difference: {"gating": (Gated, (5,))},
+    nodes.ConstantAffine: {"normalise": (Normalised, (3, 4))},
 }
 
 
