@@ -73,7 +73,7 @@ JacobianResult jacobian_penalty(const Program& p, const ForwardState& s, const a
     at::Tensor zeta_L = softmax ? softmax_cotangent(probs, v) : v;             // ζ_L (k, B, C)
     auto [xi, zetas] = backward(p, s, zeta_L.reshape({k * B, C}), want_params);
     at::Tensor xi3 = xi.contiguous().view({k, B, -1});                          // ξ_0 (k, B, N)
-    at::Tensor q0 = std::get<0>(penalty_head(xi3, at::Tensor(), "squared_norm", scale, 0.0, sample_weight,
+    at::Tensor q0 = std::get<0>(penalty_head(xi3, std::nullopt, "squared_norm", scale, 0.0, sample_weight,
                                              r.value, need_any, false));
     if (want_params || fbp) {  // else nothing downstream of q_0 is wanted
       at::Tensor h = backward_backward(p, s, q0.view(xi.sizes()), zetas, r.grad_w, want_weight, softmax);

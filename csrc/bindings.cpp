@@ -1,6 +1,6 @@
 // dbprop._C: the one pybind11 binding unit, kept thin: the chain program (descriptors and live parameter tensors),
 // the four pass drivers and Algorithm 4 over it, the host workspace, build facts. Loading it registers the element
-// kernels' operators (csrc/ops.cpp). Import torch before this module.
+// kernels' operators (csrc/ops.h, ops.cpp, cpu/, cuda/). Import torch before this module.
 #include <torch/extension.h>
 
 #include "algorithm4.h"
@@ -15,23 +15,11 @@
 namespace py = pybind11;
 using dbprop::ForwardState;
 using dbprop::Program;
+using dbprop::absent_if_undefined;  // csrc/ops.h: an undefined tensor is None in Python
+using dbprop::undefined_if_absent;
 using OptTensor = c10::optional<at::Tensor>;
 
 namespace {
-
-std::vector<at::Tensor> from_optional(const std::vector<OptTensor>& v) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : v) out.push_back(t.has_value() ? *t : at::Tensor());
-  return out;
-}
-
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
-
-std::vector<OptTensor> to_optional(const std::vector<at::Tensor>& v) {
-  std::vector<OptTensor> out;
-  for (const auto& t : v) out.push_back(opt(t));
-  return out;
-}
 
 py::dict build_info() {
   py::dict info;
@@ -80,24 +68,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<PassGuard>());
   m.def("backward", [](const Program& p, const ForwardState& s, const at::Tensor& zeta_L, bool keep) {
     auto [xi, zetas] = dbprop::backward(p, s, zeta_L, keep);
-    return std::make_tuple(xi, to_optional(zetas));
+    return std::make_tuple(xi, absent_if_undefined(zetas));
   }, py::call_guard<PassGuard>());
   m.def("backward_backward", [](const Program& p, const ForwardState& s, const at::Tensor& q0,
                                 const std::vector<OptTensor>& zetas, const std::vector<OptTensor>& theta_hat,
                                 const std::vector<bool>& want_weight, bool need_h) {
-    auto z = from_optional(zetas);
-    auto th = from_optional(theta_hat);
+    auto z = undefined_if_absent(zetas);
+    auto th = undefined_if_absent(theta_hat);
     at::Tensor h = dbprop::backward_backward(p, s, q0, z, th, want_weight, need_h);
-    return std::make_tuple(opt(h), to_optional(th));
+    return std::make_tuple(absent_if_undefined(h), absent_if_undefined(th));
   }, py::call_guard<PassGuard>());
   m.def("forward_backward", [](const Program& p, const ForwardState& s, const at::Tensor& eta_L,
                                const std::vector<OptTensor>& grad_w, const std::vector<OptTensor>& grad_b,
                                const std::vector<bool>& want_weight, const std::vector<bool>& want_bias,
                                bool need_input_grad) {
-    auto gw = from_optional(grad_w);
-    auto gb = from_optional(grad_b);
+    auto gw = undefined_if_absent(grad_w);
+    auto gb = undefined_if_absent(grad_b);
     at::Tensor gamma0 = dbprop::forward_backward(p, s, eta_L, gw, gb, want_weight, want_bias, need_input_grad);
-    return std::make_tuple(opt(gamma0), to_optional(gw), to_optional(gb));
+    return std::make_tuple(absent_if_undefined(gamma0), absent_if_undefined(gw), absent_if_undefined(gb));
   }, py::call_guard<PassGuard>());
   m.def("jacobian_penalty", [](const Program& p, const ForwardState& s, const at::Tensor& x, bool softmax,
                                const std::vector<int64_t>& chunks, int64_t cap, bool time_chunks,
@@ -107,8 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     auto r = dbprop::jacobian_penalty(p, s, x, softmax, chunks, cap, time_chunks,
                                       directions.value_or(at::Tensor()), scale,
                                       sample_weight, want_weight, want_bias, need_input_grad);
-    return std::make_tuple(r.value, to_optional(r.grad_w), to_optional(r.grad_b), opt(r.grad_x), r.chunk_sizes,
-                           r.chunk_seconds);
+    return std::make_tuple(r.value, absent_if_undefined(r.grad_w), absent_if_undefined(r.grad_b),
+                           absent_if_undefined(r.grad_x), r.chunk_sizes, r.chunk_seconds);
   }, "Algorithm 4: (values, weight grads, bias grads, input grad, chunk sizes, chunk seconds) of the "
      "Jacobian penalty.", py::call_guard<PassGuard>());
 
@@ -129,8 +117,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   });
 
-  // the element kernels are dispatcher operators (csrc/ops.cpp, torch.ops.dbprop.*); what remains here is the
+  // the element kernels are dispatcher operators (csrc/ops.h, torch.ops.dbprop.*); what remains here is the
   // chain program with its pass drivers, the workspace, and the tables' names
+  m.def("element_operators", &dbprop::element_operators,
+        "The element operators' table (csrc/ops.h): (name, schema, doc) per operator.");
   m.def("activation_names", &dbprop::activation_names, "Names of the smooth activations, in table order.");
   m.def("penalty_head_names", &dbprop::penalty_head_names, "Names of the penalty heads, in table order.");
   m.def("penalty_heads", &dbprop::penalty_heads, "The penalty head table: (name, reads x) per head.");

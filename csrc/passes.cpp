@@ -290,7 +290,7 @@ Program::Program(const std::vector<OpDescriptor>& descriptors, std::vector<at::T
   TORCH_CHECK(affine == static_cast<int64_t>(weights.size()), "got ", weights.size(), " weights for ", affine,
               " affine ops");
   TORCH_CHECK(first_affine >= 0, "the program has no affine op");
-  for (const auto& t : b) biases.push_back(t.has_value() ? *t : at::Tensor());
+  biases = undefined_if_absent(b);
   for (size_t j = 0; j < weights.size(); ++j) {
     TORCH_CHECK(weights[j].device() == weights[0].device() && weights[j].scalar_type() == weights[0].scalar_type(),
                 "weight ", j, " is ", weights[j].scalar_type(), " on ", weights[j].device(), ", weight 0 is ",
@@ -335,7 +335,7 @@ std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input,
       if (i + 1 < n && p.ops[i + 1].kind == OpKind::Activation) {  // fused epilogue: g + bits
         s->out_shapes[i] = z.sizes().vec();
         s->in_shapes[i + 1] = z.sizes().vec();
-        std::tie(y, s->bits[i + 1]) = forward_epilogue(z.contiguous(), at::Tensor(), 1, 1, slope_of(p.ops[i + 1]));
+        std::tie(y, s->bits[i + 1]) = forward_epilogue(z.contiguous(), std::nullopt, 1, 1, slope_of(p.ops[i + 1]));
         s->mask_numel[i + 1] = z.numel();
         s->numel_per_sample += z[0].numel();
         ++i;
@@ -343,7 +343,7 @@ std::shared_ptr<ForwardState> forward(const Program& p, const at::Tensor& input,
         y = z;
       }
     } else if (op.kind == OpKind::Activation) {
-      std::tie(y, s->bits[i]) = forward_epilogue(x.contiguous(), at::Tensor(), 1, 1, slope_of(op));
+      std::tie(y, s->bits[i]) = forward_epilogue(x.contiguous(), std::nullopt, 1, 1, slope_of(op));
       s->mask_numel[i] = x.numel();
     } else if (op.kind == OpKind::MaxPool) {
       const auto& a = op.get<MaxPoolArgs>();

@@ -17,7 +17,7 @@ except ImportError as e:  # no compiler at install time, or not built yet
     _native_error = str(e)
 else:  # loading it registered the element kernels' operators (csrc/ops.cpp); their fake kernels are Python
     from .native_ops import register_fakes
-    register_fakes()
+    register_fakes(_native)
 
 
 def check_native_tables() -> None:

@@ -11,7 +11,9 @@ where most kernel taps read padding. The formulations here:
                  padding taps; ``S`` is the adjoint of ``W ↦ T(W)`` (a sum over the position pairs of each tap);
 * ``pointwise``  1×1 kernels without padding: channel GEMMs over the (strided) positions;
 * ``flipped``    ``Kᵀ`` of a stride-1 convolution as a forward convolution with the flipped, channel-swapped kernel;
-* ``swapped``    ``K□`` as a forward convolution with batch and channels swapped (stride and dilation exchanged).
+* ``swapped``    ``K□`` as a forward convolution with batch and channels swapped (stride and dilation exchanged);
+* ``channels_last``  ``aten`` on channels-last (NHWC) copies of the arguments, the result returned contiguous:
+                 oneDNN's NHWC kernels skip its internal reorders, which dominate for large maps with few channels.
 
 A formulation implements the products it lists in ``products``; ``aten`` implements all three.
 
@@ -303,12 +305,42 @@ class Swapped:
         return y[crop].transpose(0, 1).contiguous()
 
 
-FORMULATIONS = (Aten, Dense, Pointwise, Flipped, Swapped)
+class ChannelsLast:
+    """``aten`` with the arguments in the channels-last layout (``torch.channels_last``; 2-d convolutions), the
+    weight's channels-last copy kept per weight version; the result comes back contiguous (the element kernels
+    read contiguous tensors), so the layout is invisible outside the product."""
+
+    name = "channels_last"
+    products = PRODUCTS
+
+    def __init__(self, g: ConvGeometry, in_shape: Sequence[int], w_shape: Sequence[int]) -> None:
+        self.aten = Aten(g)
+        self.weight = WeightCache(lambda w: w.contiguous(memory_format=torch.channels_last))
+
+    @staticmethod
+    def applies(g: ConvGeometry, in_shape: Sequence[int]) -> bool:
+        return g.dim == 2
+
+    @staticmethod
+    def _nhwc(t: Tensor) -> Tensor:
+        return t.contiguous(memory_format=torch.channels_last)
+
+    def K(self, w: Tensor, q: Tensor) -> Tensor:
+        return self.aten.K(self.weight(w), self._nhwc(q)).contiguous()
+
+    def Kt(self, w: Tensor, c: Tensor, in_shape: Sequence[int]) -> Tensor:
+        return self.aten.Kt(self.weight(w), self._nhwc(c), in_shape).contiguous()
+
+    def Kbox(self, w: Tensor, x: Tensor, c: Tensor) -> Tensor:
+        return self.aten.Kbox(self.weight(w), self._nhwc(x), self._nhwc(c)).contiguous()
+
+
+FORMULATIONS = (Aten, Dense, Pointwise, Flipped, Swapped, ChannelsLast)
 #: the candidates of the timed choice: those that remove work (padding taps, im2col). ``flipped`` and ``swapped``
 #: only re-express it; timed alone they can win, but in whole penalties (bench/targets.py: ``swapped`` on the
 #: torchvision ResNet-50, ``flipped`` on the CIFAR ResNet-18) the step got slower and peak memory rose, costs their
 #: isolated timing does not see. ``force()`` still runs them (tests, benchmarks)
-TIMED = (Aten, Dense, Pointwise)
+TIMED = (Aten, Dense, Pointwise, ChannelsLast)
 _forced: Optional[str] = None
 
 

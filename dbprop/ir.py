@@ -79,7 +79,8 @@ class IR:
     * ``op_nodes[n]``          the traced call of node ``n``;
     * ``consumers[n]``         the nodes reading node ``n`` (``input_consumers``: those reading ``x``);
     * ``depends_on_input[n]``  whether node ``n`` depends on ``x`` (the others are constants for every
-      derivative), ``reaches_output[n]`` whether the output depends on it;
+      derivative: parameter leaves and their functions), ``args_per_sample[n]`` the same per argument of node
+      ``n``, ``reaches_output[n]`` whether the output depends on it;
     * ``last_use[i]``          the traced values no step after step ``i`` reads (a forward pass frees them;
       ``x`` and the output are kept);
     * ``params``, ``param_index[n]``  every parameter the nodes read, once each (shared modules: gradients
@@ -96,6 +97,7 @@ class IR:
     consumers: Tuple[Tuple[int, ...], ...] = field(init=False)
     input_consumers: Tuple[int, ...] = field(init=False)
     depends_on_input: Tuple[bool, ...] = field(init=False)
+    args_per_sample: Tuple[Tuple[bool, ...], ...] = field(init=False)
     reaches_output: Tuple[bool, ...] = field(init=False)
     last_use: Tuple[Tuple[fx.Node, ...], ...] = field(init=False)
     params: Tuple[Tensor, ...] = field(init=False)
@@ -120,6 +122,7 @@ class IR:
         for a in self.args:
             depends.append(any(m == INPUT or depends[m] for m in a))
         put("depends_on_input", tuple(depends))
+        put("args_per_sample", tuple(tuple(m == INPUT or depends[m] for m in a) for a in self.args))
         reaches = [False] * len(self.ops)
         reaches[self.output] = True
         for n in reversed(range(len(self.ops))):

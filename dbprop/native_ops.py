@@ -1,21 +1,25 @@
 """The native element kernels as dispatcher operators ``torch.ops.dbprop.*``.
 
-Their schemas, argument checks and CPU / CUDA kernels are registered in C++ (``csrc/ops.cpp``, loaded with
-``dbprop._C``); the C++ pass drivers call them through the dispatcher as well. This module holds what the
+Each operator is one row of a table in ``csrc/ops.h`` (name, schema, what it computes), exported as
+``dbprop._C.element_operators()``; its schema, checks and CPU / CUDA kernels are registered in C++ (loaded with
+``dbprop._C``), and the C++ pass drivers call them through the dispatcher as well. This module holds what the
 dispatcher needs from Python and what Python callers use:
 
-* a fake (meta) kernel per operator, so that the operators can be traced (``torch.compile``, ``FakeTensorMode``)
-  and checked with ``torch.library.opcheck``;
-* thin typed wrappers, which turn the outputs not asked for (empty tensors in the schemas) into ``None``.
+* a fake (meta) kernel per operator (:class:`Fakes`), so that the operators can be traced (``torch.compile``,
+  ``FakeTensorMode``) and checked with ``torch.library.opcheck``;
+* a typed wrapper per operator, made from its schema (:func:`wrapper`; ``native_ops.<name>``): keyword arguments,
+  an output named ``r`` is ``None`` unless argument ``want_r`` / ``need_r`` asked for it (the schemas return empty
+  tensors), and an operator returning nothing returns the tensor it writes (``Tensor(a!)``).
 
 The operators are the passes' derivative computations and are not differentiable themselves: an argument that
 requires grad (grad mode on) is refused; under ``torch.no_grad()`` they run (C++ Autograd kernel, which also bumps
 the version of the tensors they write). Call :func:`register_fakes` once after loading the extension
-(``dbprop.backends`` does).
+(``dbprop.backends`` does); it refuses an operator without a fake kernel or a fake kernel without an operator.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -30,130 +34,121 @@ def _none(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-_registered = False
+class Fakes:
+    """One fake kernel per element operator, named after it: output shapes, dtypes and devices only."""
 
-
-def register_fakes() -> None:
-    """Register the fake kernels (once; the extension must be loaded)."""
-    global _registered
-    if _registered:
-        return
-    fake = torch.library.register_fake
-
-    @fake("dbprop::forward_epilogue")
-    def _(z, bias, channels, inner, slope):
+    @staticmethod
+    def forward_epilogue(z, bias, channels, inner, slope):
         return torch.empty_like(z), _packed(z, z.numel())
 
-    @fake("dbprop::pack_positive")
-    def _(t):
+    @staticmethod
+    def pack_positive(t):
         return _packed(t, t.numel())
 
-    @fake("dbprop::mask_multiply")
-    def _(c, bits, mask_numel, slope):
+    @staticmethod
+    def mask_multiply(c, bits, mask_numel, slope):
         return torch.empty_like(c)
 
-    @fake("dbprop::mask_multiply_bias_grad")
-    def _(c, bits, mask_numel, slope, channels, inner):
+    @staticmethod
+    def mask_multiply_bias_grad(c, bits, mask_numel, slope, channels, inner):
         return torch.empty_like(c), c.new_empty((channels,))
 
-    @fake("dbprop::softmax_cotangent")
-    def _(probs, directions):
+    @staticmethod
+    def softmax_cotangent(probs, directions):
         return torch.empty_like(directions)
 
-    @fake("dbprop::softmax_eta_accumulate")
-    def _(probs, directions, h, eta):
+    @staticmethod
+    def softmax_eta_accumulate(probs, directions, h, eta):
         return None
 
-    @fake("dbprop::penalty_head")
-    def _(xi, x, head, p1, p2, weight, value, want_q0, want_input_grad):
+    @staticmethod
+    def penalty_head(xi, x, head, p1, p2, weight, value, want_q0, want_input_grad):
         q0 = torch.empty_like(xi) if want_q0 else _none(xi)
         return q0, xi.new_empty(xi.shape[1:]) if want_input_grad else _none(xi)
 
-    @fake("dbprop::activation_derivative_multiply")
-    def _(c, z, activation, p1, p2):
+    @staticmethod
+    def activation_derivative_multiply(c, z, activation, p1, p2):
         return torch.empty_like(c)
 
-    @fake("dbprop::activation_source")
-    def _(xi, q, z, activation, p1, p2):
+    @staticmethod
+    def activation_source(xi, q, z, activation, p1, p2):
         return torch.empty_like(z)
 
-    @fake("dbprop::batchnorm_train_linear")
-    def _(q, xhat, scale):
+    @staticmethod
+    def batchnorm_train_linear(q, xhat, scale):
         return torch.empty_like(q)
 
-    @fake("dbprop::batchnorm_train_bbp")
-    def _(xi, q, xhat, invstd, gamma, need_tangent, want_source, want_mixed):
+    @staticmethod
+    def batchnorm_train_bbp(xi, q, xhat, invstd, gamma, need_tangent, want_source, want_mixed):
         if not (need_tangent or want_source or want_mixed):
             return _none(q), _none(q), _none(q)
         return (torch.empty_like(q) if need_tangent else _none(q),
                 torch.empty_like(xhat) if want_source else _none(q),
                 xhat.new_empty(xhat.shape[1:2]) if want_mixed else _none(q))
 
+
+def fake_kernels() -> Dict[str, Callable]:
+    """The fake kernels by operator name."""
+    return {name: f for name, f in vars(Fakes).items() if not name.startswith("_")}
+
+
+def check_fakes(names) -> None:
+    """Refuse operator names (the extension's table) that differ from the fake kernels' names."""
+    fakes = fake_kernels()
+    if set(names) != set(fakes):
+        raise ImportError(f"dbprop._C's element operators and the fake kernels of dbprop/native_ops.py differ: "
+                          f"without a fake kernel {sorted(set(names) - set(fakes))}, without an operator "
+                          f"{sorted(set(fakes) - set(names))}; rebuild it: pip install --no-build-isolation -e .")
+
+
+_registered = False
+
+
+def register_fakes(extension: Any) -> None:
+    """Register the fake kernels of the loaded extension's operators (once) and make their wrappers; a fake kernel
+    missing for an operator of ``extension.element_operators()``, or one without its operator, is refused."""
+    global _registered
+    if _registered:
+        return
+    table = extension.element_operators()
+    check_fakes([name for name, _, _ in table])
+    fakes = fake_kernels()
+    for name, _, doc in table:
+        torch.library.register_fake(f"dbprop::{name}")(fakes[name])
+        globals()[name] = wrapper(name, doc)
     _registered = True
 
 
-# ---- typed wrappers (documentation of each operator: csrc/ops.h) -------------------------------------------------
-
-def forward_epilogue(z: Tensor, bias: Optional[Tensor], channels: int, inner: int,
-                     slope: float) -> Tuple[Tensor, Tensor]:
-    """``(g(z + b), packed bits of [z + b > 0])`` for the (leaky) ReLU of slope ``slope``."""
-    return torch.ops.dbprop.forward_epilogue(z, bias, channels, inner, slope)
+_ANNOTATIONS = {"Tensor": Tensor, "Optional[Tensor]": Optional[Tensor], "int": int, "float": float, "str": str,
+                "bool": bool}
 
 
-def pack_positive(t: Tensor) -> Tensor:
-    """The packed bits of ``[t > 0]`` for a contiguous uint8 ``t``."""
-    return torch.ops.dbprop.pack_positive(t)
+def wrapper(name: str, doc: str = "") -> Callable:
+    """The typed wrapper of operator ``dbprop::<name>``, made from its schema (see the module docstring)."""
+    op = getattr(torch.ops.dbprop, name).default
+    schema = op._schema
+    args = schema.arguments
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=_ANNOTATIONS.get(str(a.type), str(a.type))) for a in args]
+    signature = inspect.Signature(params)
+    index = {a.name: i for i, a in enumerate(args)}
+    # output i -> the index of the bool argument that asks for it (want_<name> / need_<name>), if any
+    asked = [next((index[f + r.name] for f in ("want_", "need_") if f + r.name in index), None)
+             for r in schema.returns]
+    written = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
 
+    def call(*a, **kw):
+        values = signature.bind(*a, **kw).args
+        out = op(*values)
+        if not schema.returns:
+            return values[written[0]] if len(written) == 1 else tuple(values[i] for i in written) or None
+        outs = out if isinstance(out, tuple) else (out,)
+        outs = tuple(None if j is not None and not values[j] else o for o, j in zip(outs, asked))
+        return outs if isinstance(out, tuple) else outs[0]
 
-def mask_multiply(c: Tensor, bits: Tensor, mask_numel: int, slope: float) -> Tensor:
-    """``a ⊙ c`` for the packed mask ``bits`` of ``mask_numel`` elements, ``c`` holding k copies of its batch."""
-    return torch.ops.dbprop.mask_multiply(c, bits, mask_numel, slope)
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = __name__
+    call.__signature__ = signature  # type: ignore[attr-defined]
+    call.__doc__ = f"{doc}\n\nSchema (csrc/ops.h): ``{schema}``."
+    return call
 
-
-def mask_multiply_bias_grad(c: Tensor, bits: Tensor, mask_numel: int, slope: float, channels: int,
-                            inner: int) -> Tuple[Tensor, Tensor]:
-    """``(a ⊙ c, Σ_{rows, inner} a ⊙ c per channel)``."""
-    return torch.ops.dbprop.mask_multiply_bias_grad(c, bits, mask_numel, slope, channels, inner)
-
-
-def softmax_cotangent(probs: Tensor, directions: Tensor) -> Tensor:
-    """``ζ_L = S v`` for k directions ``(k, B, C)`` at the probabilities ``(B, C)``."""
-    return torch.ops.dbprop.softmax_cotangent(probs, directions)
-
-
-def softmax_eta_accumulate(probs: Tensor, directions: Tensor, h: Tensor, eta: Tensor) -> Tensor:
-    """``eta += Σ_k (3.15)(probs, v_k, h_k)`` in place; returns ``eta``."""
-    torch.ops.dbprop.softmax_eta_accumulate(probs, directions, h, eta)
-    return eta
-
-
-def penalty_head(xi: Tensor, x: Optional[Tensor], head: str, p1: float, p2: float, weight: Tensor, value: Tensor,
-                 want_q0: bool, want_input_grad: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``value += Σ_k p(ξ_k)`` in place for the head named ``head``; returns ``(q_0, Σ_k w ∂p/∂x)``, each
-    ``None`` unless asked for."""
-    q0, gx = torch.ops.dbprop.penalty_head(xi, x, head, p1, p2, weight, value, want_q0, want_input_grad)
-    return (q0 if want_q0 else None), (gx if want_input_grad else None)
-
-
-def activation_derivative_multiply(c: Tensor, z: Tensor, activation: str, p1: float, p2: float) -> Tensor:
-    """``g'(z) ⊙ c`` for the smooth activation named ``activation``, ``c`` holding k copies of ``z``."""
-    return torch.ops.dbprop.activation_derivative_multiply(c, z, activation, p1, p2)
-
-
-def activation_source(xi: Tensor, q: Tensor, z: Tensor, activation: str, p1: float, p2: float) -> Tensor:
-    """``Σ_copies g''(z) ⊙ ξ ⊙ q`` (shape of ``z``)."""
-    return torch.ops.dbprop.activation_source(xi, q, z, activation, p1, p2)
-
-
-def batchnorm_train_linear(q: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
-    """``A q`` of a train-mode BatchNorm (docs/maths.md (4.3)), per copy and channel."""
-    return torch.ops.dbprop.batchnorm_train_linear(q, xhat, scale)
-
-
-def batchnorm_train_bbp(xi: Optional[Tensor], q: Tensor, xhat: Tensor, invstd: Tensor, gamma: Optional[Tensor],
-                        need_tangent: bool, want_source: bool,
-                        want_mixed: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(A q, ŝ, θ̂_γ)`` of a train-mode BatchNorm (docs/maths.md (4.3), (4.6), (4.5)), each ``None`` unless asked."""
-    tangent, source, dgamma = torch.ops.dbprop.batchnorm_train_bbp(xi, q, xhat, invstd, gamma, need_tangent,
-                                                                   want_source, want_mixed)
-    return (tangent if need_tangent else None, source if want_source else None, dgamma if want_mixed else None)

@@ -83,6 +83,14 @@ class SmoothKind:
     functions: Tuple[Callable, ...] = ()
 
 
+def hardsigmoid_reference(z: Tensor) -> Tensor:
+    """``F.hardsigmoid`` as an expression autograd can differentiate twice (aten has no double backward for
+    ``hardsigmoid_backward``): the same values (computed in float for half types, as ATen does) and PyTorch's
+    ``g'`` convention, ``1/6`` on the open interval ``(−3, 3)`` and 0 elsewhere; ``g'' = 0``."""
+    w = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    return torch.where((w > -3) & (w < 3), (w + 3) / 6, (w >= 3).to(w.dtype)).to(z.dtype)
+
+
 #: The smooth activations, one row each: kernel name (its row of DBPROP_SMOOTH_ACTIVATIONS in
 #: csrc/kernels/activations.h, checked on import) -> :class:`SmoothKind`.
 SMOOTH_ACTIVATIONS: Dict[str, SmoothKind] = {
@@ -98,6 +106,10 @@ SMOOTH_ACTIVATIONS: Dict[str, SmoothKind] = {
     "tanh": SmoothKind(lambda z, p1, p2: torch.tanh(z), nn.Tanh, functions=(torch.tanh, F.tanh)),
     "sigmoid": SmoothKind(lambda z, p1, p2: torch.sigmoid(z), nn.Sigmoid, functions=(torch.sigmoid, F.sigmoid)),
     "mish": SmoothKind(lambda z, p1, p2: F.mish(z), nn.Mish, functions=(F.mish,)),
+    # piecewise quadratic / linear: g' and g'' with PyTorch's conventions at z = ±3 (csrc/kernels/activations.h)
+    "hardswish": SmoothKind(lambda z, p1, p2: F.hardswish(z), nn.Hardswish, functions=(F.hardswish,)),
+    "hardsigmoid": SmoothKind(lambda z, p1, p2: hardsigmoid_reference(z), nn.Hardsigmoid,
+                              functions=(F.hardsigmoid,)),
 }
 
 
@@ -142,7 +154,8 @@ class PythonKernels:
         with torch.enable_grad():
             zr = z.detach().requires_grad_(True)
             d1 = torch.autograd.grad(act.fn(zr).sum(), zr, create_graph=True)[0]
-            d2 = torch.autograd.grad(d1.sum(), zr)[0]
+            # g' constant in z (hardsigmoid's reference): g'' = 0
+            d2 = torch.autograd.grad(d1.sum(), zr)[0] if d1.requires_grad else torch.zeros_like(d1)
         return act.fn(z), (d1.detach(), d2)
 
     def smooth_multiply(self, c: Tensor, saved: Any, act: Smooth) -> Tensor:
@@ -197,6 +210,12 @@ class RunContext:
     update_stats: bool
     batch: int
     values: Mapping[Any, Any] = field(default_factory=dict)
+    #: per input of the node being run: does it depend on ``x`` (rows per sample)? The others are constants of
+    #: the program (parameter leaves, docs/maths.md §4.14). ``None``: every input does.
+    per_sample: Optional[Sequence[bool]] = None
+
+    def input_per_sample(self, xs: Sequence[Tensor]) -> List[bool]:
+        return [True] * len(xs) if self.per_sample is None else list(self.per_sample)
 
 
 # ----------------------------------------------------------------------------------------------- base
@@ -296,14 +315,13 @@ class Unary(Op):
 
 
 # --------------------------------------------------------------------------------------------- affine
-class Affine(Unary):
-    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
-    ``saved`` is ``(x or None, x.shape)``."""
+class WeightAndBias:
+    """For node kinds whose parameters are their module's ``weight`` and ``bias`` (either may be ``None``)."""
 
-    kind = "affine"
+    module: Any
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Optional[Tensor]:
         return self.module.weight
 
     @property
@@ -312,6 +330,13 @@ class Affine(Unary):
 
     def params(self):
         return [p for p in (self.weight, self.bias) if p is not None]
+
+
+class Affine(WeightAndBias, Unary):
+    """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
+    ``saved`` is ``(x or None, x.shape)``."""
+
+    kind = "affine"
 
     def apply_K(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -513,6 +538,156 @@ class BatchNorm(Unary):
         return [dgamma, eta.sum(dims) if want[1] else None]
 
 
+# ------------------------------------------------------------------------- per-sample norms (LN, GN, IN)
+def _group_means(t: Tensor) -> Tensor:
+    """``m(·)`` of docs/maths.md §4.13: means over each group's ``n`` elements (the last axis), kept."""
+    return t.mean(-1, keepdim=True)
+
+
+def _sample_norm_apply(qs: Tensor, xhat: Tensor, invstd: Tensor) -> Tensor:
+    """The normalisation Jacobian ``J q = (1/σ)(q − m(q) − x̂ m(x̂ q))`` (docs/maths.md §4.13 (4.14)) per group,
+    ``qs`` as ``(k, B, R, n)``, ``x̂`` ``(B, R, n)`` and ``1/σ`` ``(B, R, 1)``; ``J`` is self-adjoint."""
+    return (qs - _group_means(qs) - xhat * _group_means(xhat * qs)) * invstd
+
+
+@dataclass
+class NormArgs:
+    """What a functional norm call (``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``) gives a
+    :class:`SampleNorm` in place of a module: its weight and bias (live parameters or ``None``) and ``eps``;
+    input statistics only."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    training: bool = False
+    track_running_stats: bool = False
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    momentum: Optional[float] = None
+
+
+class SampleNorm(WeightAndBias, Unary):
+    """LayerNorm, GroupNorm and InstanceNorm (docs/maths.md §4.13): ``y = γ ⊙ x̂ + β`` with ``x̂ = (x − μ)/σ``
+    and ``μ``, ``σ² = m((x − μ)²)`` (biased) + ε taken over groups of each sample's elements: the trailing
+    ``normalized_shape`` (LayerNorm; one group per leading index), ``C/G`` channels with their positions
+    (GroupNorm), one channel (InstanceNorm: GroupNorm with ``G = C``). Statistics are per sample, so the class
+    copies share them and nothing couples the batch. With ``J`` the normalisation Jacobian of each group,
+        ``A q = γ ⊙ J q``,  ``Aᵀ c = J (γ ⊙ c)``,  mixed ``∂_γ = Σ ξ ⊙ J q``, none for β,
+        source ``ŝ = (1/σ²)[(3u'w − cov(ξ', q)) x̂ − w (ξ' − m(ξ')) − u' (q − m(q))]`` with ``ξ' = γ ⊙ ξ``,
+        ``u' = m(ξ' x̂)``, ``w = m(x̂ q)``.
+    ``γ`` is elementwise over ``normalized_shape`` (LayerNorm) or per channel (GroupNorm, InstanceNorm).
+    InstanceNorm in eval mode with running statistics is a per-channel affine map: a :class:`BatchNorm` node.
+    ``module`` is the norm module or, for the functional forms, a :class:`NormArgs`. ``saved`` is ``(x̂ as (B, R, n), 1/σ as (B, R, 1), x.shape)``."""
+
+    kind = "sample-norm"
+    has_source = True
+    modules = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+    def __init__(self, name: str, module: Any, layout: str, groups: int = 1,
+                 normalized_shape: Tuple[int, ...] = ()):
+        super().__init__(name, module)
+        self.layout, self.groups, self.normalized_shape = layout, groups, tuple(normalized_shape)
+
+    @classmethod
+    def from_module(cls, name, m):
+        if isinstance(m, nn.LayerNorm):
+            return cls(name, m, "layer", normalized_shape=tuple(m.normalized_shape))
+        if isinstance(m, nn.GroupNorm):
+            return cls(name, m, "group", groups=m.num_groups)
+        if not m.training and m.track_running_stats:  # running statistics: y = γ (x − μ_r)/σ_r + β
+            return BatchNorm(name, m)
+        return cls(name, m, "instance")
+
+    def _want(self, want: List[bool]) -> Tuple[bool, bool]:
+        """``want`` (one flag per entry of ``params()``) as (γ wanted, β wanted)."""
+        it = iter(want)
+        return (self.weight is not None and next(it)), (self.bias is not None and next(it))
+
+    def _scale(self, t: Tensor) -> Tensor:
+        """``γ ⊙ t`` (identity without affine weight)."""
+        w = self.weight
+        if w is None:
+            return t
+        return t * w if self.layout == "layer" else t * _channel(w, t.dim())
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (input layout, any number of rows) to the shape of ``γ`` / ``β``."""
+        if self.layout == "layer":
+            return t.reshape(-1, *self.normalized_shape).sum(0)
+        return t.sum([0, *range(2, t.dim())])
+
+    def _groups_of(self, x: Tensor) -> Tuple[int, int]:
+        """``(R, n)``: groups per sample and elements per group of ``x``; refuses shapes the kind does not cover."""
+        if self.layout == "layer":
+            ns = self.normalized_shape
+            if x.dim() <= len(ns) or tuple(x.shape[x.dim() - len(ns):]) != ns:
+                raise UnsupportedOp(f"{self.name}: LayerNorm over {list(ns)} of an input of shape {tuple(x.shape)}; "
+                                    "dbprop needs the batch dimension outside normalized_shape")
+            n = math.prod(ns)
+            return x[0].numel() // n, n
+        want_dim = {nn.InstanceNorm1d: (3,), nn.InstanceNorm2d: (4,)}.get(type(self.module), (3, 4, 5))
+        if x.dim() < 2 or (self.layout == "instance" and x.dim() not in want_dim):
+            raise UnsupportedOp(f"{self.name}: {self.layout} norm of an input of shape {tuple(x.shape)} "
+                                f"(dbprop needs a batched input)")
+        groups = x.shape[1] if self.layout == "instance" else self.groups  # InstanceNorm: one group per channel
+        return groups, x[0].numel() // groups
+
+    def forward(self, x, ctx):
+        m = self.module
+        R, n = self._groups_of(x)
+        if self.layout == "layer":
+            y = F.layer_norm(x, self.normalized_shape, m.weight, m.bias, m.eps)
+        elif self.layout == "group":
+            y = F.group_norm(x, self.groups, m.weight, m.bias, m.eps)
+        else:  # instance: the module's own call, running statistics updated as one forward would
+            update = ctx.update_stats and m.training and m.track_running_stats
+            y = F.instance_norm(x, m.running_mean if update else None, m.running_var if update else None, m.weight,
+                                m.bias, True, 0.0 if m.momentum is None else m.momentum, m.eps)
+        xv = x.reshape(x.shape[0], R, n)
+        var, mean = torch.var_mean(xv, -1, correction=0, keepdim=True)
+        invstd = torch.rsqrt(var + m.eps)
+        return y, ((xv - mean) * invstd, invstd, x.shape)
+
+    def _jacobian(self, q: Tensor, saved) -> Tensor:
+        xhat, invstd, _ = saved
+        qs = per_copy(q, xhat.shape[0]).reshape(-1, *xhat.shape)
+        return _sample_norm_apply(qs, xhat, invstd).reshape(q.shape)
+
+    def linear(self, q, saved, K):
+        return self._scale(self._jacobian(q, saved))
+
+    def transpose(self, c, saved, K):
+        return self._jacobian(self._scale(c), saved)
+
+    def mixed(self, xi, qs, saved, want, K):
+        want_w, _ = self._want(want)
+        out: Grads = [None] * len(want)
+        if want_w:  # ∂_γ ⟨ξ, γ ⊙ J q⟩ = Σ ξ ⊙ J q, summed over class copies
+            out[0] = self._reduce(xi * self._jacobian(qs[0], saved))
+        return out
+
+    def source(self, xi, qs, saved, K):  # (4.16), summed over class copies
+        xhat, invstd, shape = saved
+        rows = (-1, *xhat.shape)
+        xis = per_copy(self._scale(xi), xhat.shape[0]).reshape(rows)
+        qs_ = per_copy(qs[0], xhat.shape[0]).reshape(rows)
+        m_q, w = _group_means(qs_), _group_means(xhat * qs_)
+        m_xi, u = _group_means(xis), _group_means(xis * xhat)
+        cov = _group_means(xis * qs_) - m_xi * m_q
+        s = (3 * u * w - cov) * xhat - w * (xis - m_xi) - u * (qs_ - m_q)
+        return [(s.sum(0) * invstd * invstd).reshape(shape)]
+
+    def param_grads(self, eta, saved, want, K):
+        want_w, want_b = self._want(want)
+        xhat, _, shape = saved
+        out = []
+        if self.weight is not None:
+            out.append(self._reduce(eta * xhat.reshape(shape)) if want_w else None)
+        if self.bias is not None:
+            out.append(self._reduce(eta) if want_b else None)
+        return out
+
+
 # ---------------------------------------------------------------------------------------- activations
 class PiecewiseLinearActivation(Unary):
     """ReLU / LeakyReLU / ReLU6 / Hardtanh: ``a = g'(z)`` kept as a mask (bits natively); source 0 a.e."""
@@ -556,7 +731,7 @@ class PiecewiseLinearActivation(Unary):
 
 
 class SmoothActivation(Unary):
-    """GELU, SiLU, ELU, Softplus, Tanh, Sigmoid, Mish: ``A = diag g'(z)``, source ``g''(z) ⊙ ξ ⊙ q``."""
+    """GELU, SiLU, ELU, Softplus, Tanh, Sigmoid, Mish, Hardswish, Hardsigmoid: ``A = diag g'(z)``, source ``g''(z) ⊙ ξ ⊙ q``."""
 
     kind = "smooth"
     has_source = True
@@ -839,29 +1014,24 @@ class Add(Op):
     kind = "add"
 
     def run(self, xs, ctx):
-        if len({x.dim() for x in xs}) != 1:
-            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        per_sample = ctx.input_per_sample(xs)
         y = xs[0]
         for x in xs[1:]:
             y = y + x
-        return y, [x.shape for x in xs]
+        if any(p and x.dim() != y.dim() for x, p in zip(xs, per_sample)):
+            raise UnsupportedOp(f"{self.name} adds tensors of shapes {[tuple(x.shape) for x in xs]}")
+        return y, ([x.shape for x in xs], per_sample, y.shape)
 
     def tangent(self, qs, saved, K):
         terms = [q for q in qs if q is not None]
         y = terms[0]
         for q in terms[1:]:
             y = y + q
-        return y
+        return y.expand(_rows(saved[2], y.shape[0]))  # a constant operand may broadcast the others
 
     def cotangent(self, c, saved, K):
-        out = []
-        for shape in saved:
-            g = c
-            dims = [d for d in range(1, c.dim()) if shape[d] == 1 and c.shape[d] != 1]
-            if dims:
-                g = g.sum(dims, keepdim=True)
-            out.append(g)
-        return out
+        shapes, per_sample, _ = saved
+        return [reduce_to(c, shape, p) for shape, p in zip(shapes, per_sample)]
 
 
 class Cat(Op):
@@ -892,6 +1062,135 @@ class Cat(Op):
 def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
     t = next(q for q in like if q is not None)
     return t.new_zeros(_rows(shape, rows))
+
+
+# ------------------------------------------------------------ routing: permutations, selections, drop paths
+def split_item(x: Tensor, item: int, how: str, *args: Any, **kwargs: Any) -> Tensor:
+    """``getattr(x, how)(*args, **kwargs)[item]``: one tensor of a ``chunk`` / ``split`` / ``unbind`` /
+    ``tensor_split`` result. The front-end rewrites ``x.chunk(2, 1)[i]`` into this call, so that each item is a
+    node with one tensor value (a :class:`Route`)."""
+    return getattr(x, how)(*args, **kwargs)[item]
+
+
+class Route(Unary):
+    """A fixed permutation or selection of each sample's entries (docs/maths.md §4.12): ``permute``,
+    ``transpose``, ``.T`` / ``.mT``, ``movedim``, ``flip``, ``roll``, ``diagonal``, ``narrow``, ``select``, indexing
+    by integers, slices, ``None`` and ``Ellipsis``, an item of ``chunk`` / ``split`` / ``unbind`` (:func:`split_item`).
+
+    ``fn(tensors, values)`` is the traced call on ``[x]``. Each forward pass also runs it on the entries'
+    indices: this gives the map as a gather, ``y[b].flat[j] = x[b].flat[π(j)]``, and proves that every output
+    row reads its own sample only, through the same ``π`` (a call that routes across the batch, e.g. indexing
+    dimension 0, is refused, so the ``k·B`` stacked class copies are exact). ``A q`` gathers through ``π``;
+    ``Aᵀ ξ`` gathers through ``π⁻¹``, reading a zero where no output reads the entry. No θ, source 0."""
+
+    kind = "route"
+
+    def __init__(self, name: str, fn: Callable[[Sequence[Tensor], Mapping], Tensor]) -> None:
+        super().__init__(name)
+        self.fn = fn
+
+    def forward(self, x, ctx):
+        y = self.fn([x], ctx.values)
+        B, n_in = x.shape[0], math.prod(x.shape[1:])
+        ids = self.fn([torch.arange(x.numel(), device=x.device).view(x.shape)], ctx.values)
+        if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != B or ids.shape != y.shape:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise UnsupportedOp(f"{self.name} routes across the batch dimension ({tuple(x.shape)} -> {shape}); "
+                                "dbprop needs every tensor to keep the batch first")
+        rel = ids.reshape(B, -1) - torch.arange(B, device=x.device).unsqueeze(1) * n_in
+        pi = rel[0]
+        if B and (bool(((rel < 0) | (rel >= n_in)).any()) or not bool((rel == pi).all())):
+            raise UnsupportedOp(f"{self.name} mixes the entries of different samples ({tuple(x.shape)} -> "
+                                f"{tuple(y.shape)}); dbprop needs each sample's values to stay in its own row")
+        positions = torch.arange(pi.numel(), device=x.device)
+        inverse = pi.new_full((n_in,), pi.numel())  # π⁻¹, pointing at an appended zero where nothing reads
+        inverse[pi] = positions
+        if not bool((inverse[pi] == positions).all()):
+            raise UnsupportedOp(f"{self.name} reads some entries twice; only permutations and selections are routes")
+        return y, (pi, inverse, x.shape, y.shape)
+
+    def linear(self, q, saved, K):
+        pi, _, _, out_shape = saved
+        return q.reshape(q.shape[0], -1).index_select(1, pi).view(_rows(out_shape, q.shape[0]))
+
+    def transpose(self, c, saved, K):
+        _, inverse, in_shape, _ = saved
+        return F.pad(c.reshape(c.shape[0], -1), (0, 1)).index_select(1, inverse).view(_rows(in_shape, c.shape[0]))
+
+
+class AdaptiveMaxPool(MaxPool):
+    """Adaptive max-pool (1-d as 2-d of height 1): routing through the forward's argmax, as :class:`MaxPool`
+    (docs/maths.md §4.5)."""
+
+    kind = "adaptive-maxpool"
+    chain_kinds = ()
+    modules = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+    functions = {F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d}
+
+    def __init__(self, name, module, one_d: bool, output_size):
+        Unary.__init__(self, name, module)
+        self.one_d = one_d
+        size = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size]
+        self.output_size = [1, size[0]] if one_d else (size if len(size) == 2 else size * 2)
+
+    @classmethod
+    def from_module(cls, name, m):
+        return cls(name, m, isinstance(m, nn.AdaptiveMaxPool1d), m.output_size)
+
+    def forward(self, x, ctx):
+        xx = x.unsqueeze(2) if self.one_d else x
+        size = [s if s is not None else xx.shape[2 + i] for i, s in enumerate(self.output_size)]
+        y, idx = F.adaptive_max_pool2d(xx, size, return_indices=True)
+        y = y.squeeze(2) if self.one_d else y
+        return y, (idx.flatten(2), x.shape, y.shape)
+
+    def descriptor(self):
+        return None
+
+
+class DropPath(Dropout):
+    """Stochastic depth: torchvision's ``StochasticDepth(p, mode)`` and timm's ``DropPath(drop_prob,
+    scale_by_keep)``, matched by class name and module path (``module_names``) so that neither is imported.
+    Eval mode or ``p = 0``: the identity. Train mode: as :class:`Dropout` (docs/maths.md §4.6), the mask drawn
+    once in the forward pass exactly as the module draws it (one Bernoulli(1 − p) per sample, or one per batch
+    in torchvision's ``mode="batch"``, divided by 1 − p) and reused by every other pass."""
+
+    kind = "drop-path"
+    chain_kinds = ("identity",)  # eval mode
+    modules = ()
+    module_names = (("torchvision.ops", "StochasticDepth"), ("timm.layers", "DropPath"),
+                    ("timm.models.layers", "DropPath"))
+
+    @classmethod
+    def covers(cls, m: nn.Module) -> bool:
+        t = type(m)
+        return any(t.__name__ == name and t.__module__.startswith(prefix) for prefix, name in cls.module_names)
+
+    def _rule(self) -> Tuple[float, bool, bool]:
+        """``(p, one draw per sample?, divide by 1 − p?)`` from the live module."""
+        m = self.module
+        if hasattr(m, "drop_prob"):  # timm
+            return float(m.drop_prob), True, bool(m.scale_by_keep)
+        if m.mode not in ("row", "batch") or not 0.0 <= m.p <= 1.0:
+            raise ValueError(f"{self.name}: StochasticDepth needs 0 <= p <= 1 and mode 'row' or 'batch', got "
+                             f"p={m.p}, mode={m.mode!r}")
+        return float(m.p), m.mode == "row", True
+
+    def _active(self) -> bool:
+        return self.module.training and self._rule()[0] != 0.0
+
+    def forward(self, x, ctx):
+        if not self._active():
+            return x, None
+        p, rows, scale = self._rule()
+        mask = torch.empty([x.shape[0] if rows else 1] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        mask.bernoulli_(1.0 - p)
+        if p < 1.0 and scale:
+            mask.div_(1.0 - p)
+        return x * mask, mask
+
+    def descriptor(self):
+        return None if self._active() else ("identity", {})
 
 
 def node_kinds() -> List[type]:
@@ -1002,3 +1301,175 @@ class Opaque(Op):
 
 def _stack_rows(parts: List[Optional[Tensor]], like: Tensor) -> Tensor:
     return torch.cat([p if p is not None else torch.zeros_like(like) for p in parts], 0)
+
+
+# ------------------------------------------------------------------------ parameters, products, constants
+def reduce_to(g: Tensor, shape: Sequence[int], per_sample: bool) -> Tensor:
+    """``g`` (a cotangent or source of a broadcasting node's output) summed to the shape of one input.
+
+    A ``per_sample`` input (one that depends on ``x``) keeps the rows of ``g`` (``g`` may carry ``k·B`` rows)
+    and only the dimensions it broadcasts are summed. Any other input is a constant of the program (a parameter
+    leaf, docs/maths.md §4.14): ``g`` is summed to exactly its shape."""
+    if per_sample:
+        dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
+        return g.sum(dims, keepdim=True) if dims else g
+    return g.sum_to_size(tuple(shape))
+
+
+def _times(c: Tensor, v: Tensor, per_sample: bool, batch: int) -> Tensor:
+    """``c ⊙ v`` with ``c`` of ``k·batch`` rows and ``v`` per-sample (``batch`` rows) or a constant that
+    broadcasts from the trailing dimensions."""
+    return (per_copy(c, batch) * v).flatten(0, 1) if per_sample else c * v
+
+
+class FunctionalWeights:
+    """The parameters of ``F.linear(h, self.W, self.b)`` read in the forward, standing in for the module a
+    :class:`Linear` node reads (live, like a module's)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+class ParameterLeaf(Op):
+    """A parameter read directly in the forward (an fx ``get_attr``): a leaf of the program with no input
+    (docs/maths.md §4.14). It does not depend on ``x``, so its tangent is 0 and no cotangent of the backward
+    pass reaches it; what reaches it is the source ``ŝ`` of its consumers in the backward-backward pass and
+    ``η`` in the forward-backward pass, and both are its gradient: ``B = I``, ``∇θ = ŝ + η``."""
+
+    kind = "parameter"
+
+    def __init__(self, name: str, tensor: Tensor) -> None:
+        super().__init__(name)
+        self.tensor = tensor
+
+    def params(self):
+        return [self.tensor] if isinstance(self.tensor, nn.Parameter) else []
+
+    def run(self, xs, ctx):
+        return self.tensor.detach(), None
+
+    def tangent(self, qs, saved, K):
+        raise RuntimeError(f"{self.name}: a parameter leaf has no tangent")
+
+    def cotangent(self, c, saved, K):
+        return []
+
+    def param_grads(self, eta, saved, want, K):
+        return [eta.sum_to_size(self.tensor.shape) if want and want[0] else None][:len(want)]
+
+
+class ParameterFunction(Opaque):
+    """A traced call whose tensor inputs are all parameter leaves or other parameter functions (``cls.expand(B,
+    -1, -1)``, ``W.t()``, ``gamma.view(1, -1, 1, 1)``): it does not depend on ``x``, so the passes only ever
+    ask for its VJP in the forward-backward pass (``η`` to its inputs), which local autograd gives exactly, once
+    per penalty, on parameter-sized tensors. Never on the path of ``x``, it runs no per-class work: native."""
+
+    kind = "parameter-function"
+    native = True
+    has_source = False
+
+
+class Product(Op):
+    """``y = a ⊙ b`` of two nodes, broadcasting (docs/maths.md §4.15): squeeze-excitation ``x * s``, gating
+    ``a * silu(b)``, a parameter leaf ``x * γ``. ``A(q_a, q_b) = q_a ⊙ b + a ⊙ q_b``, ``Aᵀ c = (c ⊙ b, c ⊙ a)``
+    and the source ``(Σ_copies ξ ⊙ q_b, Σ_copies ξ ⊙ q_a)``, each reduced to its input's shape. ``A`` depends
+    on the forward point (through ``a`` and ``b``), hence the source; for a parameter leaf it is the mixed
+    term θ̂. ``saved`` is ``(a, b, per-sample flags, batch)``."""
+
+    kind = "product"
+    has_source = True
+
+    def run(self, xs, ctx):
+        a, b = xs
+        per_sample = ctx.input_per_sample(xs)
+        y = a * b
+        if any(p and t.dim() != y.dim() for t, p in zip(xs, per_sample)):
+            raise UnsupportedOp(f"{self.name} multiplies tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        return y, (a, b, per_sample, ctx.batch)
+
+    def tangent(self, qs, saved, K):
+        a, b, (pa, pb), batch = saved
+        y = None
+        if qs[0] is not None:
+            y = _times(qs[0], b, pb, batch)
+        if qs[1] is not None:
+            t = _times(qs[1], a, pa, batch)
+            y = t if y is None else y + t
+        return y
+
+    def cotangent(self, c, saved, K):
+        a, b, (pa, pb), batch = saved
+        return [reduce_to(_times(c, b, pb, batch), a.shape, pa), reduce_to(_times(c, a, pa, batch), b.shape, pb)]
+
+    def source(self, xi, qs, saved, K):
+        a, b, (pa, pb), batch = saved
+
+        def term(q: Optional[Tensor], shape, per_sample: bool) -> Optional[Tensor]:
+            """``Σ_copies ξ ⊙ q`` (``B`` rows), reduced to the input's shape."""
+            return None if q is None else reduce_to((per_copy(xi, batch) * per_copy(q, batch)).sum(0), shape,
+                                                    per_sample)
+
+        return [term(qs[1], a.shape, pa), term(qs[0], b.shape, pb)]
+
+
+class Difference(Op):
+    """``y = a − b`` of two nodes, broadcasting: ``A(q_a, q_b) = q_a − q_b``, ``Aᵀ c = (c, −c)`` reduced to each
+    input's shape. No θ, source 0."""
+
+    kind = "difference"
+
+    def run(self, xs, ctx):
+        return xs[0] - xs[1], (xs[0].shape, xs[1].shape, ctx.input_per_sample(xs))
+
+    def tangent(self, qs, saved, K):
+        qa, qb = qs
+        return qa if qb is None else -qb if qa is None else qa - qb
+
+    def cotangent(self, c, saved, K):
+        sa, sb, (pa, pb) = saved
+        return [reduce_to(c, sa, pa), reduce_to(-c, sb, pb)]
+
+
+class ConstantAffine(Unary):
+    """An elementwise affine map of one node by a constant ``c`` (a number, a buffer, any value that depends
+    neither on ``x`` nor on a parameter): ``x * c``, ``c * x``, ``x / c``, ``x + c``,
+    ``x − c``, ``c − x``, ``−x`` (docs/maths.md §4.15). The forward is the traced call itself (bit for bit);
+    ``A q = ±q``, ``q ⊙ c`` or ``q / c`` (broadcast to the output), ``Aᵀ`` the same reduced to the input's shape.
+    No θ, source 0. ``how`` is ``"mul"``, ``"div"`` or ``"shift"`` with ``sign`` ±1; ``factor(values)`` reads the
+    constant of this call from the pass's traced values. ``saved`` is ``(c or None, x.shape, y.shape)``."""
+
+    kind = "constant-affine"
+
+    def __init__(self, name: str, call: Callable, how: str, sign: float = 1.0,
+                 factor: Optional[Callable[[Mapping], Any]] = None) -> None:
+        super().__init__(name)
+        if how not in ("mul", "div", "shift"):
+            raise ValueError(f"ConstantAffine: how must be 'mul', 'div' or 'shift', got {how!r}")
+        self.call, self.how, self.sign, self.factor = call, how, sign, factor
+
+    def forward(self, x, ctx):
+        y = self.call([x], ctx.values)
+        c = self.factor(ctx.values) if self.how != "shift" else None
+        if isinstance(c, Tensor) and (c.dim() > x.dim() or c.dim() == x.dim() and c.shape[0] != 1):
+            raise UnsupportedOp(f"{self.name} broadcasts x of shape {tuple(x.shape)} with a constant of shape "
+                                f"{tuple(c.shape)} along the batch dimension")
+        return y, (c, x.shape, y.shape)
+
+    def _apply(self, q: Tensor, c) -> Tensor:
+        if self.how == "mul":
+            return q * c
+        if self.how == "div":
+            return q / c
+        return q if self.sign > 0 else -q
+
+    def linear(self, q, saved, K):
+        c, _, y_shape = saved
+        return self._apply(q, c).expand(_rows(y_shape, q.shape[0]))
+
+    def transpose(self, c_out, saved, K):
+        c = saved[0]
+        return reduce_to(self._apply(c_out, c), saved[1], True)

@@ -86,6 +86,7 @@ class Passes:
                 env[step.node] = step.call((), env)
             else:
                 xs = [x if m == INPUT else env[p.op_nodes[m]] for m in p.args[n]]
+                ctx.per_sample = p.args_per_sample[n]
                 try:
                     y, saved[n] = p.ops[n].run(xs, ctx)
                 except UnsupportedOp:
@@ -93,10 +94,13 @@ class Passes:
                 except RuntimeError as e:
                     raise ValueError(f"node {n} ({p.ops[n].name}, {p.ops[n].kind}) failed on inputs of shape "
                                      f"{[tuple(t.shape) for t in xs]} (model input {tuple(x.shape)}): {e}") from e
-                if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
-                    raise UnsupportedOp(f"node {n} ({p.ops[n].name}) does not keep the batch dimension first")
+                if not isinstance(y, Tensor):
+                    raise UnsupportedOp(f"node {n} ({p.ops[n].name}) returns {type(y).__name__}, not a tensor")
+                if p.depends_on_input[n]:  # parameter leaves and their functions may have any shape (§4.14)
+                    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+                        raise UnsupportedOp(f"node {n} ({p.ops[n].name}) does not keep the batch dimension first")
+                    numel += y[0].numel()
                 env[step.node] = y
-                numel += y[0].numel()
             for a in frees:
                 env.pop(a, None)
         out = env[p.output_node]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import math
 import operator
 import weakref
@@ -43,7 +44,22 @@ FUNCTION_KINDS: Dict[Callable, type] = {f: t for cls in N.node_kinds() for f, t 
 #: tensor method (no arguments) -> the module type it stands for
 METHOD_KINDS: Dict[str, type] = {f: t for cls in N.node_kinds() for f, t in cls.__dict__.get("methods", {}).items()}
 
+#: (module path prefix, class name) -> node factory: kinds matched by name, their libraries not imported
+#: (``module_names``, e.g. torchvision's StochasticDepth and timm's DropPath)
+MODULE_NAMES: Dict[Tuple[str, str], Callable[[str, nn.Module], N.Op]] = {
+    key: cls.from_module for cls in N.node_kinds() for key in cls.__dict__.get("module_names", ())}
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def module_kind(m: nn.Module) -> Optional[Callable[[str, nn.Module], N.Op]]:
+    """The node factory of module ``m``'s kind (by type, then by module path and class name), or ``None``."""
+    make = MODULE_KINDS.get(type(m))
+    if make is None:
+        t = type(m)
+        make = next((f for (prefix, name), f in MODULE_NAMES.items()
+                     if t.__name__ == name and t.__module__.startswith(prefix)), None)
+    return make
 
 
 # ------------------------------------------------------------------------------------- refusals
@@ -97,13 +113,29 @@ def _refuse_invisible(model: nn.Module) -> None:
                     "change the forward in ways dbprop cannot see")
 
 
+_NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm)
+_NORM_FAMILIES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _own_norm_forward(m: nn.Module) -> bool:
+    """A norm subclass with its own ``forward`` written outside torch (timm's ``BatchNormAct2d``: ``F.batch_norm``
+    with the module's buffers, then drop and activation): traced into, so that its forward counts as written.
+    torch's own subclasses (``SyncBatchNorm``, ``BatchNorm3d``) are not."""
+    if type(m) in MODULE_KINDS or not isinstance(m, _NORM_FAMILIES):
+        return False
+    defining = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return not defining.__module__.startswith("torch.")
+
+
 class _Tracer(fx.Tracer):
     """Modules of a known kind are leaves (nodes); so are modules that own parameters or buffers directly and
     torch.nn modules (opaque nodes). User containers are traced through, so their own ``forward`` counts."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in MODULE_KINDS:
+        if module_kind(m) is not None:
             return True
+        if _own_norm_forward(m):
+            return False
         if isinstance(m, _CONTAINERS) and type(m).forward is type(m).__mro__[
                 next(i for i, c in enumerate(type(m).__mro__) if c in _CONTAINERS)].forward:
             return False
@@ -114,9 +146,79 @@ class _Tracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------------- graph -> nodes
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "type", "is_floating_point"}
+#: tensor attributes that are not tensors (``x.shape``): reading one is a meta call; others (``W.T``) are calls
+_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+# routing calls (docs/maths.md §4.12): targets (method names or functions) of Reshape and Route nodes
+_ORDER_KEEPING = {"squeeze", "unsqueeze", "unflatten", "contiguous", torch.squeeze, torch.unsqueeze, torch.unflatten}
+_ROUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "narrow", "select", "t", "flip",
+           "roll", "diagonal", torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
+           torch.moveaxis, torch.narrow, torch.select, torch.t, torch.flip, torch.roll, torch.diagonal,
+           operator.getitem, N.split_item}
+_ROUTE_ATTRS = {"T", "mT", "H", "mH"}
+_SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
+
+
+def _fuse_split_items(graph: fx.Graph) -> None:
+    """Rewrite ``chunk`` / ``split`` / ``unbind`` / ``tensor_split`` calls whose results are only indexed
+    (``a, b = x.chunk(2, 1)``) into one :func:`~dbprop.nodes.split_item` call per item, so that every node has
+    one tensor value; other uses of such a tuple are left as they are (an opaque node refuses them)."""
+    for node in list(graph.nodes):
+        how = node.target if node.op == "call_method" else getattr(node.target, "__name__", None) \
+            if node.op == "call_function" and node.target in (torch.chunk, torch.split, torch.unbind,
+                                                              torch.tensor_split) else None
+        if how not in _SPLITS or not node.args or not isinstance(node.args[0], fx.Node) or not node.users or \
+                not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and
+                        isinstance(u.args[1], int) for u in node.users):
+            continue
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                item = graph.create_node("call_function", N.split_item,
+                                         (node.args[0], user.args[1], how, *node.args[1:]), dict(node.kwargs),
+                                         name=f"{node.name}_{user.args[1]}")
+            user.replace_all_uses_with(item)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _specialise_defaults(model: nn.Module) -> Dict[str, Any]:
+    """``forward(x, a=..., b=...)``: the parameters after the first, traced with their defaults (fx
+    ``concrete_args``); a parameter without a default is refused (dbprop calls ``model(x)``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [p.name for p in params if p.default is p.empty]
+    if missing:
+        raise UnsupportedModelError(f"dbprop compiles models called as model(x) with one input; "
+                                    f"{type(model).__name__}.forward also takes {', '.join(missing)} without a default")
+    return {p.name: p.default for p in params}
+
+
+def _drop_specialised(graph: fx.Graph) -> None:
+    """Remove the placeholders of arguments traced with their defaults and the checks fx adds on them (their
+    values are constants in the traced calls); a placeholder that feeds anything else is left (refused later)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        closure, todo = [], [ph]
+        while todo:
+            n = todo.pop()
+            if n not in closure:
+                closure.append(n)
+                todo.extend(n.users)
+        checks = (torch._assert, operator.eq, getattr(torch.fx._symbolic_trace, "_assert_is_none", torch._assert))
+        if all(n is ph or (n.op == "call_function" and n.target in checks) for n in closure):
+            for n in reversed([n for n in graph.nodes if n in closure]):
+                graph.erase_node(n)
+#: elementwise arithmetic lowered by ``_Lowering._arithmetic`` (docs/maths.md §4.15)
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+               torch.true_divide: "div", operator.sub: "sub", torch.sub: "sub", operator.neg: "neg", torch.neg: "neg",
+               operator.add: "add", torch.add: "add"}
+_ARITHMETIC_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "sub": "sub", "neg": "neg", "add": "add",
+                       "__mul__": "mul", "__rmul__": "mul", "__truediv__": "div", "__sub__": "sub", "__neg__": "neg"}
 
 
 def _has_node(a) -> bool:
@@ -160,6 +262,8 @@ class _Lowering:
                                         f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
         placeholder = placeholders[0]
         index: Dict[fx.Node, int] = {placeholder: INPUT}
+        leaves: Dict[fx.Node, Tensor] = {}   # get_attr of a parameter -> the parameter
+        dependent = {placeholder}            # the traced values that depend on x
         ops: List[N.Op] = []
         args: List[List[int]] = []
         steps: List[Step] = []
@@ -178,21 +282,37 @@ class _Lowering:
                 continue
             if node.op == "get_attr":
                 if isinstance(_attr(self.model, node.target), nn.Parameter):
-                    raise UnsupportedModelError(
-                        f"the forward uses the parameter '{node.target}' directly (outside a module call); "
-                        "wrap it in a module (it then runs as an opaque node)")
+                    leaves[node] = _attr(self.model, node.target)  # a parameter leaf once a call reads it
                 steps.append(Step(self._call(node)))
                 continue
-            inputs: List[fx.Node] = []
-            fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if a in index else None)
-            meta = not inputs or (node.op == "call_method" and node.target in _META_METHODS) or \
-                (node.op == "call_function" and node.target is builtins.getattr)
+            found: List[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
+            meta = not found or (node.op == "call_method" and node.target in _META_METHODS) or \
+                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in _META_ATTRIBUTES)
             if meta:
                 steps.append(Step(self._call(node)))
                 continue
-            inputs = list(dict.fromkeys(inputs))  # each producer once, in order of appearance
-            op = self._make_op(node, inputs)
-            if isinstance(op, (N.Add, N.Cat)):
+            folded = self._functional_linear(node, dependent, leaves) or self._functional_norm(node, dependent)
+            if folded is not None:
+                op, inputs = folded[0], [folded[1]]
+            else:
+                for a in dict.fromkeys(found):  # parameters read here become leaves (docs/maths.md §4.14)
+                    if a not in index:
+                        index[a] = len(ops)
+                        steps.append(Step(self._call(a), len(ops)))
+                        ops.append(N.ParameterLeaf(str(a.target), leaves[a]))
+                        args.append([])
+                inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
+                if not any(a in dependent for a in inputs):
+                    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+                        raise UnsupportedModelError(f"the in-place call {self._name(node)} on a parameter cannot be "
+                                                    "represented; write it out of place")
+                    op = N.ParameterFunction(self._name(node), self._call(node, inputs))
+                else:
+                    op = self._make_op(node, inputs)
+            if any(a in dependent for a in inputs):
+                dependent.add(node)
+            if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
                 inputs = []
                 fx.node.map_arg(node.args, inputs.append)  # every operand, in order
             index[node] = len(ops)
@@ -225,18 +345,26 @@ class _Lowering:
         name = self._name(node)
         if node.op == "call_module":
             m = self.modules[node.target]
-            make = MODULE_KINDS.get(type(m))
+            make = module_kind(m)
             if len(node.args) != 1 or node.kwargs or make is None:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     raise UnsupportedModelError(f"'{node.target}' ({type(m).__name__}) is not supported: dbprop "
-                                                "handles BatchNorm1d and BatchNorm2d")
+                                                "handles BatchNorm1d and BatchNorm2d (and their subclasses with their "
+                                                "own forward calling F.batch_norm with the module's buffers)")
                 return self._opaque(node, inputs, m)
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
                 return self._opaque(node, inputs, m)
-            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and m.return_indices:
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and \
+                    m.return_indices:
                 raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
             return make(str(node.target), m)
+        routed = self._route(node, inputs, name)
+        if routed is not None:
+            return routed
         target = node.target
+        arithmetic = self._arithmetic(node, inputs, name)
+        if arithmetic is not None:
+            return arithmetic
         if node.op == "call_method":
             if target in METHOD_KINDS and len(node.args) == 1 and not node.kwargs:
                 return MODULE_KINDS[METHOD_KINDS[target]](name, METHOD_KINDS[target]())
@@ -282,6 +410,127 @@ class _Lowering:
                 return MODULE_KINDS[cls](name, module)
         return self._opaque(node, inputs)
 
+    # ---- issue 17: functional norms (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm) whose weights and
+    # statistics are constants or one module's own parameters and buffers (e.g. in a BatchNorm subclass's forward)
+    def _functional_norm(self, node: fx.Node, dependent: set) -> Optional[Tuple[N.Op, fx.Node]]:
+        """A functional norm call on a value that depends on ``x``, reading its module's parameters itself (they
+        do not become parameter leaves): the node and its input."""
+        make = self._match_norm_call(node)
+        h = (_normalized(node) or {}).get("input") if make is not None else None
+        return (make(self._name(node)), h) if h in dependent else None
+
+    def _match_norm_call(self, node: fx.Node) -> Optional[Callable[[str], N.Op]]:
+        """A factory ``name -> Op`` for a functional norm call the program represents natively, else ``None``."""
+        if node.op != "call_function" or node.target not in _NORM_FUNCTIONS:
+            return None
+        kw = _normalized(node)
+        if kw is None or not isinstance(kw.get("input"), fx.Node) or kw["input"].op == "get_attr":
+            return None
+        tensors: Dict[str, Optional[Tensor]] = {}
+        owners = set()
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            a = kw.get(key)
+            if isinstance(a, fx.Node):
+                if a.op != "get_attr":
+                    return None
+                owner, _, attr = a.target.rpartition(".")
+                owners.add(owner)
+                tensors[key] = _attr(self.model, a.target)
+                if getattr(self.modules.get(owner), attr, None) is not tensors[key]:
+                    return None
+            elif a is None:
+                tensors[key] = None
+            else:
+                return None
+        if _has_node({k: v for k, v in kw.items() if k not in ("input", *tensors)}) or len(owners) > 1:
+            return None
+        owner = self.modules[owners.pop()] if owners else None
+        eps = kw.get("eps", 1e-5)
+        if node.target is F.batch_norm:
+            return self._batch_norm_call(kw, tensors, owner)
+        args = N.NormArgs(tensors["weight"], tensors["bias"], float(eps))
+        if node.target is F.layer_norm:
+            shape = kw["normalized_shape"]
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            return lambda name: N.SampleNorm(name, args, "layer", normalized_shape=shape)
+        if node.target is F.group_norm:
+            return lambda name: N.SampleNorm(name, args, "group", groups=int(kw["num_groups"]))
+        # F.instance_norm: input statistics only (with running statistics it is a module's job)
+        if not kw.get("use_input_stats", True) or tensors["running_mean"] is not None or \
+                tensors["running_var"] is not None:
+            return None
+        return lambda name: N.SampleNorm(name, args, "instance")
+
+    @staticmethod
+    def _batch_norm_call(kw: Dict[str, Any], tensors: Dict[str, Optional[Tensor]],
+                         m: Optional[nn.Module]) -> Optional[Callable[[str], N.Op]]:
+        """``F.batch_norm`` with a BatchNorm module's own parameters and buffers (the call of ``_BatchNorm.forward``
+        as subclasses write it): a :class:`~dbprop.nodes.BatchNorm` node of that module, with its running-statistics
+        semantics (docs/maths.md §7.2), provided the call does what the module's mode says it does."""
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return None
+        same = all(tensors[k] is getattr(m, k) for k in ("weight", "bias")) and \
+            all(tensors[k] is None or tensors[k] is getattr(m, k) for k in ("running_mean", "running_var"))
+        stats_given = tensors["running_mean"] is not None and tensors["running_var"] is not None
+        training = kw.get("training", False)
+        batch_stats = m.training or not m.track_running_stats or m.running_mean is None
+        if not same or not isinstance(training, bool) or training != batch_stats or \
+                float(kw.get("eps", 1e-5)) != float(m.eps):
+            return None
+        if training:  # running statistics updated iff the module tracks them in train mode, as nn.BatchNorm does
+            if stats_given != (m.training and m.track_running_stats) or \
+                    (m.momentum is not None and stats_given and float(kw.get("momentum", 0.1)) != float(m.momentum)):
+                return None
+        elif not stats_given:
+            return None
+        return lambda name: N.BatchNorm(name, m)
+
+    # ---- parameters, products and constants (docs/maths.md §4.14, §4.15)
+    def _functional_linear(self, node: fx.Node, dependent: set,
+                           leaves: Dict[fx.Node, Tensor]) -> Optional[Tuple[N.Op, fx.Node]]:
+        """``F.linear(h, self.W, self.b)`` with ``h`` depending on ``x`` and ``W``, ``b`` parameters read directly:
+        a :class:`~dbprop.nodes.Linear` node on ``h`` reading the live parameters (and its input node)."""
+        if node.op != "call_function" or node.target is not F.linear:
+            return None
+        kw = _normalized(node) or {}
+        h, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
+        if h not in dependent or w not in leaves or not (b is None or b in leaves):
+            return None
+        return N.Linear(self._name(node), N.FunctionalWeights(leaves[w], None if b is None else leaves[b])), h
+
+    def _arithmetic(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """Products, differences and quotients: of two nodes (:class:`~dbprop.nodes.Product`,
+        :class:`~dbprop.nodes.Difference`; a quotient of two nodes stays opaque), or of one node and a constant
+        (:class:`~dbprop.nodes.ConstantAffine`), negation included. ``None``: not one of these."""
+        how = _ARITHMETIC.get(node.target) if node.op == "call_function" else \
+            _ARITHMETIC_METHODS.get(node.target) if node.op == "call_method" else None
+        if how is None or node.kwargs:
+            return None
+        operands = list(node.args)
+        if how == "neg":
+            if len(operands) == 1 and operands[0] in inputs:
+                return N.ConstantAffine(name, self._call(node, tuple(inputs)), "shift", -1.0)
+            return None
+        if len(operands) != 2:
+            return None
+        nodes = [isinstance(a, fx.Node) and a in inputs for a in operands]
+        if all(nodes):
+            return N.Product(name) if how == "mul" else N.Difference(name) if how == "sub" else None
+        if not any(nodes) or len(inputs) != 1:
+            return None
+        at = nodes.index(True)
+        other = operands[1 - at]
+        call = self._call(node, tuple(inputs))
+        if how in ("add", "sub"):
+            return N.ConstantAffine(name, call, "shift", -1.0 if how == "sub" and at == 1 else 1.0)
+        if how == "div" and at == 1:
+            return None  # c / x depends on x beyond a constant factor: opaque (exact)
+
+        def factor(values, other=other):
+            return values[other] if isinstance(other, fx.Node) else other
+
+        return N.ConstantAffine(name, call, how, 1.0, factor)
+
     def _reshape(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
             return self._opaque(node, inputs)
@@ -294,6 +543,19 @@ class _Lowering:
             if isinstance(start, int) and isinstance(end, int):
                 dims = (start, end)
         return N.Reshape(name, self._call(node, tuple(inputs)), dims)
+
+    def _route(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """Routing calls on one traced tensor (docs/maths.md §4.4, §4.12): order-keeping reshapes (``squeeze``,
+        ``unsqueeze``, ``unflatten``, ``contiguous``) as :class:`~dbprop.nodes.Reshape`, permutations and
+        selections as :class:`~dbprop.nodes.Route`; ``None`` for any other call."""
+        if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+            return None
+        target = node.target
+        if target in _ORDER_KEEPING:
+            return self._reshape(node, inputs, name)
+        if target in _ROUTES or (target is builtins.getattr and node.args[1] in _ROUTE_ATTRS):
+            return N.Route(name, self._call(node, tuple(inputs)))
+        return None
 
     def _mean(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
@@ -383,7 +645,8 @@ class Program:
             return
         if self.refusal is not None:
             raise self.refusal
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        dropouts = [m for m in self.model.modules() if m.training and (
+            isinstance(m, nn.modules.dropout._DropoutNd) or N.DropPath.covers(m))]
         # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
         # in-place restore would bump their version counters and break a graph that saved them, e.g. the
         # running statistics of an eval-mode BatchNorm in the task loss computed just before)
@@ -424,16 +687,28 @@ def compile_model(model: nn.Module) -> Program:
 
     Raises:
         UnsupportedModelError: hooks, parametrizations, models that torch.fx cannot trace (with its reason),
-            several inputs or outputs, in-place calls on traced tensors.
+            several inputs (``forward`` parameters after the first are traced with their defaults; one
+            without a default is refused) or outputs, in-place calls on traced tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
     _refuse_invisible(model)
+    # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1)): restore any
+    # buffer the trace changed, so that compiling leaves the model as it was
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    concrete = _specialise_defaults(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        _drop_specialised(graph)
+        _fuse_split_items(graph)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
         raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
+    finally:
+        with torch.no_grad():
+            for b, before in buffers:
+                if not torch.equal(b, before):
+                    b.copy_(before)
     return Program(model, _Lowering(model)(graph))
 
 

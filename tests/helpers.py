@@ -1,10 +1,30 @@
 """Comparison helpers: dbprop versus autograd double backprop (the fallback, itself checked in test_reference)."""
 import contextlib
 
+import pytest
 import torch
 
+import dbprop
 from dbprop import fallback
 from dbprop.core import reduce
+
+
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if dbprop.native_available() and not dbprop.backend_info().get("cuda"):
+        return "needs dbprop._C built with CUDA"
+    return ""
+
+
+#: the backends every backend-parametrised case runs on
+BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+#: the devices every device-parametrised case runs on: the CUDA variants are the same cases on device="cuda",
+#: skipped without a GPU (or with an extension built without CUDA)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(_cuda_skip_reason()),
+                                                                reason=_cuda_skip_reason() or "runs"))]
+#: the devices other than the CPU: cases that compare a device with the CPU or mix devices
+ACCELERATORS = DEVICES[1:]
 
 
 def grads_of(value, model, x):

@@ -9,7 +9,7 @@ from dbprop import analysis as A
 from helpers import bias_terms, saliencies
 from nets import build, draw_input
 
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+from helpers import BACKENDS  # noqa: E402  (one definition for every test file)
 
 
 def _bias_free(seed=0):

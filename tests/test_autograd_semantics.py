@@ -10,7 +10,7 @@ from dbprop.autograd import SECOND_DERIVATIVE_ERROR
 
 from helpers import assert_grads_close
 
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+from helpers import BACKENDS  # noqa: E402  (one definition for every test file)
 
 
 def _net():

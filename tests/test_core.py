@@ -14,13 +14,22 @@ from dbprop import ops
 from dbprop import penalties as P
 from dbprop.modules import PenaltyModule
 
-from helpers import assert_grads_close
+from helpers import BACKENDS, assert_grads_close
+from penalty_cases import CASES
 
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
-Y = torch.tensor([0, 1, 2, 0, 1, 2])
-HEADS = {"jacobian-softmax": lambda: P.JacobianFrobenius("softmax"), "double-backprop": lambda: P.DoubleBackprop(Y, 0.5)}
-MODULES = {"jacobian-softmax": (lambda m, **kw: dbprop.JacobianPenalty(m, output="softmax", **kw), None),
-           "double-backprop": (lambda m, **kw: dbprop.DoubleBackpropLoss(m, 0.5, **kw), Y)}
+#: penalty registry cases (tests/penalty_cases.py) run through every evaluation path: one without and one with a
+#: loss term (which replaces the task forward and moves BatchNorm statistics)
+PATH_CASES = ["jacobian-softmax", "double-backprop-ce"]
+
+
+def _labels(name):
+    args = CASES[name].label_args(6, 3, "cpu")
+    return args[0] if args else None
+
+
+HEADS = {name: lambda name=name: CASES[name].reference((_labels(name),)) for name in PATH_CASES}
+MODULES = {name: (lambda m, name=name, **kw: CASES[name].module(m, **CASES[name].options, **kw), _labels(name))
+           for name in PATH_CASES}
 
 
 def _net():

@@ -19,7 +19,17 @@ def _without_times(path):
     return record["runs"]
 
 
-def test_demo_writes_table_and_figure_and_is_deterministic(tmp_path, capsys):
+@pytest.fixture
+def deterministic():
+    """Chunk sizes and convolution formulations are chosen by timing unless deterministic algorithms are on; the
+    second run builds new programs, which a loaded machine can time differently (README, "Run the demo")."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_demo_writes_table_and_figure_and_is_deterministic(tmp_path, capsys, deterministic):
     attacks = ["--attacks", "gradient" if study._foolbox_available() else "none"]
     runs = study.main(TINY + attacks + ["--out", str(tmp_path / "a")])
     assert [r.name for r in runs] == ["plain cross-entropy", "DoubleBackpropLoss λ=0.1", "JacobianPenalty λ=0.01"]

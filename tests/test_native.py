@@ -1,5 +1,6 @@
 """The native backend (dbprop._C): equal to the python backend, element kernels against their definitions,
-packed masks, low precision, argument checks, and the same parity checks on a GPU when there is one."""
+packed masks, low precision, argument checks; the parity and kernel cases also on a GPU when there is one
+(helpers.DEVICES)."""
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ import dbprop
 from dbprop import functional as F
 from dbprop import penalties as P
 
-from helpers import grads_of, max_rel_err
+from helpers import DEVICES, deterministic_algorithms, grads_of, max_rel_err
 from nets import NETS, build, draw_input
 
 pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
@@ -36,12 +37,18 @@ def _parity(model, x, case):
     return max_rel_err(_run(model, x, CALLS[case], "native"), _run(model, x, CALLS[case], "python"))
 
 
+#: native-vs-python tolerance per device type
+PARITY_TOL = {"cpu": 1e-12, "cuda": 1e-10}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("case", sorted(CALLS))
-def test_native_equals_python_float64(net, case):
+def test_native_equals_python_float64(net, case, device):
     model, shape = build(net)
-    x = draw_input(model, shape, 3).requires_grad_(True)
-    assert _parity(model, x, case) <= 1e-12
+    x = draw_input(model, shape, 3)
+    model, x = model.to(device), x.to(device).requires_grad_(True)
+    assert _parity(model, x, case) <= PARITY_TOL[device]
 
 
 @pytest.mark.parametrize("net", ["conv2d", "conv1d", "mlp"])
@@ -83,16 +90,17 @@ def _unpack(bits, n):
     return ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n].bool()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [1, 7, 13, 37, 64, 1001])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("slope", [0.0, 0.1, -0.3])
-def test_packed_mask_round_trip_odd_sizes(n, dtype, slope):
-    z = torch.randn(n, dtype=torch.float64).to(dtype)
+def test_packed_mask_round_trip_odd_sizes(n, dtype, slope, device):
+    z = torch.randn(n, dtype=torch.float64).to(dtype).to(device)
     x, bits = K.forward_epilogue(z, None, 1, 1, slope)
-    assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
-    assert torch.equal(_unpack(bits, n), z > 0)
+    assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8 and bits.device == z.device
+    assert torch.equal(_unpack(bits.cpu(), n), (z > 0).cpu())
     torch.testing.assert_close(x, torch.nn.functional.leaky_relu(z, slope))
-    c = torch.randn(3 * n, dtype=torch.float64).to(dtype)  # three stacked directions
+    c = torch.randn(3 * n, dtype=torch.float64).to(dtype).to(device)  # three stacked directions
     expected = torch.where((z > 0).repeat(3), c, c * slope)
     torch.testing.assert_close(K.mask_multiply(c, bits, n, slope), expected)
 
@@ -179,37 +187,11 @@ def test_native_forward_rejects_empty_batch_and_mismatch():
         _C.forward(program, torch.zeros(2, *shape), False)
 
 
-# ------------------------------------------------------------------------------------------------- CUDA
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and dbprop.backend_info().get("cuda")),
-                          reason="needs a GPU and dbprop._C built with CUDA")
-
-
-@cuda
-@pytest.mark.parametrize("net", sorted(NETS))
-@pytest.mark.parametrize("case", sorted(CALLS))
-def test_cuda_native_equals_python(net, case):
-    model, shape = build(net)
-    x = draw_input(model, shape, 3)
-    model, x = model.cuda(), x.cuda().requires_grad_(True)
-    assert _parity(model, x, case) <= 1e-10
-
-
-@cuda
-@pytest.mark.parametrize("n", [1, 13, 1001])
-def test_cuda_packed_masks(n):
-    z = torch.randn(n, dtype=torch.float64, device="cuda")
-    x, bits = K.forward_epilogue(z, None, 1, 1, 0.2)
-    assert torch.equal(_unpack(bits.cpu(), n), (z > 0).cpu())
-    c = torch.randn(2 * n, dtype=torch.float64, device="cuda")
-    torch.testing.assert_close(K.mask_multiply(c, bits, n, 0.2), torch.where((z > 0).repeat(2), c, 0.2 * c))
-
-
-@cuda
-def test_cuda_bias_gradient_is_deterministic_under_deterministic_algorithms():
-    from helpers import deterministic_algorithms
-    z = torch.randn(64 * 8 * 25, dtype=torch.float32, device="cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_gradient_is_deterministic_under_deterministic_algorithms(device):
+    z = torch.randn(64 * 8 * 25, dtype=torch.float32, device=device)
     _, bits = K.forward_epilogue(z, None, 1, 1, 0.0)
-    c = torch.randn(2 * z.numel(), dtype=torch.float32, device="cuda")
+    c = torch.randn(2 * z.numel(), dtype=torch.float32, device=device)
     fused = K.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25)
     with deterministic_algorithms():
         runs = [K.mask_multiply_bias_grad(c, bits, z.numel(), 0.0, 8, 25) for _ in range(3)]
@@ -219,7 +201,6 @@ def test_cuda_bias_gradient_is_deterministic_under_deterministic_algorithms():
 
 
 def test_native_penalties_repeat_bit_for_bit_under_deterministic_algorithms():
-    from helpers import deterministic_algorithms
     model, shape = build("conv2d")
     x = draw_input(model, shape, 3)
     with deterministic_algorithms():

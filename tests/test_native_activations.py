@@ -11,6 +11,8 @@ try:
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
 
+from helpers import ACCELERATORS, DEVICES
+
 # an activation's test case: the parameter sets (p1, p2) its kernels are checked at, against autograd of the
 # torch function of its declaration (dbprop.nodes.SMOOTH_ACTIVATIONS)
 PARAMETERS = {
@@ -22,6 +24,8 @@ PARAMETERS = {
     "tanh": [(0.0, 0.0)],
     "sigmoid": [(0.0, 0.0)],
     "mish": [(0.0, 0.0)],
+    "hardswish": [(0.0, 0.0)],
+    "hardsigmoid": [(0.0, 0.0)],
 }
 REFERENCE = {name: (row.fn, PARAMETERS[name]) for name, row in SMOOTH_ACTIVATIONS.items() if name in PARAMETERS}
 CASES = [(name, p1, p2) for name, (_, params) in REFERENCE.items() for p1, p2 in params]
@@ -51,6 +55,8 @@ def autograd_derivatives(name, z, p1, p2):
     fn = REFERENCE[name][0]
     z = z.detach().to(torch.float64).requires_grad_(True)
     (d1,) = torch.autograd.grad(fn(z, p1, p2).sum(), z, create_graph=True)
+    if not d1.requires_grad:  # g' constant in z (hardsigmoid): g'' = 0
+        return d1.detach(), torch.zeros_like(d1)
     (d2,) = torch.autograd.grad(d1.sum(), z)
     return d1.detach(), d2
 
@@ -65,18 +71,19 @@ def references(name, p1, p2, z, c, xi, q):
     return d1 * c.double(), (d2 * xi.double() * q.double()).sum(0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,p1,p2", CASES)
 @pytest.mark.parametrize("k", [1, K])
-def test_float64_matches_autograd(name, p1, p2, k):
+def test_float64_matches_autograd(name, p1, p2, k, device):
     z = draw_z(name, p1, p2)
     c, xi, q = draw_copies(z, k)
     ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
-    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
-    src = native_ops.activation_source(xi, q, z, name, p1, p2)
-    assert out.shape == c.shape and out.dtype == torch.float64
-    assert src.shape == z.shape and src.dtype == torch.float64
-    torch.testing.assert_close(out, ref_mul, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(src, ref_src, rtol=1e-12, atol=1e-14)
+    out = native_ops.activation_derivative_multiply(c.to(device), z.to(device), name, p1, p2)
+    src = native_ops.activation_source(xi.to(device), q.to(device), z.to(device), name, p1, p2)
+    assert out.shape == c.shape and out.dtype == torch.float64 and out.device.type == device
+    assert src.shape == z.shape and src.dtype == torch.float64 and src.device.type == device
+    torch.testing.assert_close(out.cpu(), ref_mul, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(src.cpu(), ref_src, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name,p1,p2", CASES)
@@ -103,20 +110,41 @@ def test_conventions_at_kinks():
                                          rel=1e-15)
     assert d1[1].item() == 1.0
     assert native_ops.activation_source(one, one, z, "softplus", 2.0, 20.0).tolist() == [0.0, 0.0]
+    # hardswish / hardsigmoid: aten's hardswish_backward / hardsigmoid_backward take the open interval (-3, 3).
+    # In float64 aten's hardsigmoid_backward multiplies by 1/6 rounded to float (relative 3e-8); the kernel uses
+    # the exact 1/6, the derivative of the float64 function. float32: bit for bit.
+    for dtype, rtol in ((torch.float64, 1e-7), (torch.float32, 0.0)):
+        z = torch.tensor([-3.5, -3.0, -2.0, 0.0, 3.0, 3.5], dtype=dtype)
+        one = torch.ones_like(z)
+        for name, fn in (("hardswish", torch.nn.functional.hardswish),
+                         ("hardsigmoid", torch.nn.functional.hardsigmoid)):
+            zr = z.clone().requires_grad_(True)
+            (aten_d1,) = torch.autograd.grad(fn(zr).sum(), zr)
+            torch.testing.assert_close(native_ops.activation_derivative_multiply(one, z, name, 0.0, 0.0), aten_d1,
+                                       rtol=rtol, atol=0)
+    z = torch.tensor([-3.5, -3.0, -2.0, 0.0, 3.0, 3.5], dtype=torch.float64)
+    one = torch.ones_like(z)
+    assert native_ops.activation_derivative_multiply(one, z, "hardsigmoid", 0.0, 0.0).tolist() == \
+        [0.0, 0.0, 1 / 6, 1 / 6, 0.0, 0.0]
+    assert native_ops.activation_derivative_multiply(one, z, "hardswish", 0.0, 0.0).tolist() == \
+        [0.0, 0.0, -2.0 / 3 + 0.5, 0.5, 1.0, 1.0]  # z/3 + 1/2 at z = -2, as the kernel rounds it
+    assert native_ops.activation_source(one, one, z, "hardswish", 0.0, 0.0).tolist() == [0.0, 0.0, 1 / 3, 1 / 3, 0.0, 0.0]
+    assert native_ops.activation_source(one, one, z, "hardsigmoid", 0.0, 0.0).tolist() == [0.0] * 6
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,p1,p2", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
-def test_low_precision_against_float64(name, p1, p2, dtype, tol):
+def test_low_precision_against_float64(name, p1, p2, dtype, tol, device):
     """Low precision: op-math (float) evaluation of the rounded inputs, rounded once at the end."""
     z = draw_z(name, p1, p2, dtype=dtype, seed=2)
     c, xi, q = draw_copies(z, seed=3)
     ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
-    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
-    src = native_ops.activation_source(xi, q, z, name, p1, p2)
-    assert out.dtype == dtype and src.dtype == dtype
-    torch.testing.assert_close(out.double(), ref_mul, rtol=tol, atol=tol * ref_mul.abs().max().item())
-    torch.testing.assert_close(src.double(), ref_src, rtol=tol, atol=tol * ref_src.abs().max().item())
+    out = native_ops.activation_derivative_multiply(c.to(device), z.to(device), name, p1, p2)
+    src = native_ops.activation_source(xi.to(device), q.to(device), z.to(device), name, p1, p2)
+    assert out.dtype == dtype and src.dtype == dtype and out.device.type == src.device.type == device
+    torch.testing.assert_close(out.double().cpu(), ref_mul, rtol=tol, atol=tol * ref_mul.abs().max().item())
+    torch.testing.assert_close(src.double().cpu(), ref_src, rtol=tol, atol=tol * ref_src.abs().max().item())
 
 
 def test_large_tensor_parallel_matches_small_chunks():
@@ -166,33 +194,33 @@ def test_argument_checks():
         native_ops.activation_source(c, c, z.t(), "tanh", 0.0, 0.0)
 
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get("cuda")),
-                          reason="needs a GPU and dbprop._C built with CUDA")
-
-
-@cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,p1,p2", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_cuda_equals_cpu(name, p1, p2, dtype, tol):
+def test_repeats_exactly_and_equals_the_cpu(name, p1, p2, dtype, tol, device):
+    """On every device: the source repeats bit-for-bit (one writer per element, no atomics) and float64 equals
+    autograd; off the CPU, both kernels equal the CPU kernels to ``tol``."""
     z = draw_z(name, p1, p2, dtype=dtype, seed=4)
     c, xi, q = draw_copies(z, seed=6)
-    out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
-    src = native_ops.activation_source(xi, q, z, name, p1, p2)
-    out_gpu = native_ops.activation_derivative_multiply(c.cuda(), z.cuda(), name, p1, p2)
-    src_gpu = native_ops.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2)
-    assert out_gpu.is_cuda and src_gpu.is_cuda and out_gpu.dtype == dtype and src_gpu.dtype == dtype
-    torch.testing.assert_close(out_gpu.cpu().double(), out.double(), rtol=tol, atol=tol * out.abs().max().item())
-    torch.testing.assert_close(src_gpu.cpu().double(), src.double(), rtol=tol, atol=tol * src.abs().max().item())
-    # deterministic: one writer per element, no atomics
-    assert torch.equal(src_gpu, native_ops.activation_source(xi.cuda(), q.cuda(), z.cuda(), name, p1, p2))
+    zd, cd, xid, qd = (t.to(device) for t in (z, c, xi, q))
+    out_dev = native_ops.activation_derivative_multiply(cd, zd, name, p1, p2)
+    src_dev = native_ops.activation_source(xid, qd, zd, name, p1, p2)
+    assert out_dev.device.type == src_dev.device.type == device
+    assert out_dev.dtype == dtype and src_dev.dtype == dtype
+    assert torch.equal(src_dev, native_ops.activation_source(xid, qd, zd, name, p1, p2))
+    if device != "cpu":
+        out = native_ops.activation_derivative_multiply(c, z, name, p1, p2)
+        src = native_ops.activation_source(xi, q, z, name, p1, p2)
+        torch.testing.assert_close(out_dev.cpu().double(), out.double(), rtol=tol, atol=tol * out.abs().max().item())
+        torch.testing.assert_close(src_dev.cpu().double(), src.double(), rtol=tol, atol=tol * src.abs().max().item())
     if dtype == torch.float64:
         ref_mul, ref_src = references(name, p1, p2, z, c, xi, q)
-        torch.testing.assert_close(out_gpu.cpu(), ref_mul, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(src_gpu.cpu(), ref_src, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out_dev.cpu(), ref_mul, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(src_dev.cpu(), ref_src, rtol=1e-12, atol=1e-14)
 
 
-@cuda
-def test_cuda_argument_checks():
-    z = torch.randn(2, 5, dtype=torch.float64, device="cuda")
+@pytest.mark.parametrize("device", ACCELERATORS)
+def test_inputs_on_two_devices_are_refused(device):
+    z = torch.randn(2, 5, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="is on"):
         native_ops.activation_derivative_multiply(torch.randn(3, 2, 5, dtype=torch.float64), z, "gelu", 0.0, 0.0)

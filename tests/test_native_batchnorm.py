@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from dbprop.nodes import PythonKernels
 
+from helpers import DEVICES
+
 try:
-    from dbprop import _C, native_ops
+    from dbprop import _C, native_ops  # noqa: F401  (_C: the module is skipped without the extension)
     from dbprop.native import NativeKernels
 except ImportError:  # extension not built: the pure-PyTorch backend is used and there is nothing to test here
     pytest.skip("dbprop._C is not built", allow_module_level=True)
@@ -60,20 +62,28 @@ def assert_rel(actual, expected, rel):
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
 
 
+def on(device, *tensors):
+    """The tensors (None kept) moved to ``device``."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("gamma", [True, False])
-def test_float64_native_and_reference_match_autograd(shape, k, gamma):
+def test_float64_native_and_reference_match_autograd(shape, k, gamma, device):
     x, xhat, invstd, gam, xi, q = make_case(shape, k, gamma)
     truth = autograd_truth(x, gam, xi, q)
+    xhat, invstd, gam, xi, q = on(device, xhat, invstd, gam, xi, q)
     for K in (NativeKernels(), PY):
         tangent, source, dgamma = K.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
         assert tangent.shape == q.shape and source.shape == x.shape and dgamma.shape == (shape[1],)
         assert tangent.dtype == source.dtype == dgamma.dtype == torch.float64
+        assert tangent.device == source.device == dgamma.device == xhat.device
         for got, want in zip((tangent, source, dgamma), truth):
-            assert_rel(got, want, 1e-12)
+            assert_rel(got.cpu(), want, 1e-12)
         scale = invstd if gam is None else gam * invstd
-        assert_rel(K.batchnorm_train_linear(q, xhat, scale), truth[0], 1e-12)
+        assert_rel(K.batchnorm_train_linear(q, xhat, scale).cpu(), truth[0], 1e-12)
         # A is self-adjoint: ⟨ξ, A q⟩ = ⟨A ξ, q⟩
         lhs = (xi * K.batchnorm_train_linear(q, xhat, scale)).sum()
         rhs = (K.batchnorm_train_linear(xi, xhat, scale) * q).sum()
@@ -117,18 +127,21 @@ def test_large_tensor_parallel_matches_reference_and_repeats():
         assert torch.equal(a, b)  # deterministic: no atomics
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
-def test_low_precision_against_float64(shape, dtype, tol):
+def test_low_precision_against_float64(shape, dtype, tol, device):
     """Low precision inputs, moments accumulated in the accumulation type, each output rounded once: compared
-    with the float64 reference on the same (rounded) inputs."""
+    with the float64 reference (on the CPU) on the same (rounded) inputs."""
     _, xhat, invstd, gam, xi, q = make_case(shape, 3, dtype=dtype, seed=3)
-    nat = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
     ref = PY.batchnorm_train_bbp(*(t.double() for t in (xi, q, xhat, invstd, gam)), True, True, True)
-    lin = native_ops.batchnorm_train_linear(q, xhat, (gam.double() * invstd.double()).to(dtype))
+    scale = (gam.double() * invstd.double()).to(dtype)
+    xhat, invstd, gam, xi, q, scale = on(device, xhat, invstd, gam, xi, q, scale)
+    nat = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+    lin = native_ops.batchnorm_train_linear(q, xhat, scale)
     for got, want in zip((*nat, lin), (*ref, ref[0])):
-        assert got.dtype == dtype
-        assert_rel(got.double(), want, tol)
+        assert got.dtype == dtype and got.device == xhat.device
+        assert_rel(got.double().cpu(), want, tol)
 
 
 def test_argument_checks():
@@ -202,25 +215,25 @@ def test_node_bbp_step_backends_agree(affine, want):
     assert node.bbp_step(None, [q], saved, want, True, K)[1] == [None] * len(want)
 
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.build_info().get("cuda")),
-                          reason="needs a GPU and dbprop._C built with CUDA")
-
-
-@cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES + [(16, 24, 9, 11)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 1.6e-2),
                                        (torch.float16, 2e-3)])
-def test_cuda_equals_cpu(shape, dtype, tol):
+def test_repeats_exactly_and_equals_the_cpu(shape, dtype, tol, device):
+    """On every device: repeated calls are bit-for-bit equal (no atomics); off the CPU, the results equal the
+    CPU kernels' to ``tol`` and inputs on two devices are refused."""
     _, xhat, invstd, gam, xi, q = make_case(shape, 3, dtype=dtype, seed=5)
-    cpu = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
-    dev = [t.cuda() for t in (xi, q, xhat, invstd, gam)]
-    gpu = native_ops.batchnorm_train_bbp(*dev, True, True, True)
-    for a, b in zip(gpu, cpu):
-        assert a.is_cuda and a.dtype == dtype
-        assert_rel(a.cpu().double(), b.double(), tol)
-    lin = native_ops.batchnorm_train_linear(dev[1], dev[2], (gam * invstd).cuda())
-    assert_rel(lin.cpu().double(), native_ops.batchnorm_train_linear(q, xhat, gam * invstd).double(), tol)
-    for a, b in zip(gpu, native_ops.batchnorm_train_bbp(*dev, True, True, True)):
+    dev = on(device, xi, q, xhat, invstd, gam)
+    out = native_ops.batchnorm_train_bbp(*dev, True, True, True)
+    lin = native_ops.batchnorm_train_linear(dev[1], dev[2], (gam * invstd).to(device))
+    for a in out:
+        assert a.device == dev[0].device and a.dtype == dtype
+    for a, b in zip(out, native_ops.batchnorm_train_bbp(*dev, True, True, True)):
         assert torch.equal(a, b)  # deterministic
-    with pytest.raises(RuntimeError, match="is on"):
-        native_ops.batchnorm_train_linear(q, dev[2], dev[3])
+    if device != "cpu":
+        cpu = native_ops.batchnorm_train_bbp(xi, q, xhat, invstd, gam, True, True, True)
+        for a, b in zip(out, cpu):
+            assert_rel(a.cpu().double(), b.double(), tol)
+        assert_rel(lin.cpu().double(), native_ops.batchnorm_train_linear(q, xhat, gam * invstd).double(), tol)
+        with pytest.raises(RuntimeError, match="is on"):
+            native_ops.batchnorm_train_linear(q, dev[2], dev[3])

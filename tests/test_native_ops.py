@@ -1,11 +1,15 @@
 """The element kernels as dispatcher operators (csrc/ops.cpp, dbprop/native_ops.py): every operator has a sample
 here, passes torch.library.opcheck (schema, autograd registration, fake kernel, AOT dispatch) on each device,
 runs under FakeTensorMode, and refuses to be differentiated."""
+import inspect
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dbprop
+
+from helpers import DEVICES
 
 pytestmark = pytest.mark.skipif(not dbprop.native_available(), reason="dbprop._C is not built")
 if dbprop.native_available():
@@ -57,9 +61,6 @@ def test_every_operator_has_samples():
     assert set(element_operators()) == set(samples("cpu", torch.float64)) | PYTHON_OPERATORS
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and dbprop.native_available() and _C.build_info().get("cuda")),
-    reason="needs a GPU and dbprop._C built with CUDA"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -135,3 +136,39 @@ def test_wrong_device_or_dtype_names_the_argument():
                                           torch.randn(1, 4, 6, dtype=torch.float64), torch.zeros(4, 6))
     with pytest.raises(RuntimeError, match="unknown activation 'swish'"):
         native_ops.activation_source(probs, probs, probs, "swish", 0.0, 0.0)
+
+
+def test_operator_table_is_the_registered_operators():
+    """_C.element_operators() (csrc/ops.h's rows) lists exactly the registered element operators, with the schemas
+    the dispatcher holds, and every one has a fake kernel (register_fakes refuses the extension otherwise)."""
+    table = {name: schema for name, schema, _ in _C.element_operators()}
+    assert set(table) == set(element_operators()) - PYTHON_OPERATORS
+    for name, schema in table.items():
+        assert getattr(torch.ops.dbprop, name).default._schema == torch._C.parse_schema(f"dbprop::{name}{schema}")
+    assert set(native_ops.fake_kernels()) == set(table)
+    for name, fake in native_ops.fake_kernels().items():  # a fake kernel takes the schema's arguments
+        schema = getattr(torch.ops.dbprop, name).default._schema
+        assert list(inspect.signature(fake).parameters) == [a.name for a in schema.arguments], name
+    with pytest.raises(ImportError, match=r"without a fake kernel \['new_op'\], without an operator \['pack_positive'\]"):
+        native_ops.check_fakes([n for n in table if n != "pack_positive"] + ["new_op"])
+
+
+def test_wrappers_follow_the_schemas():
+    """Each wrapper is made from its operator's schema: its parameters are the schema's arguments (keywords work),
+    an output r is None unless want_r / need_r asked for it, and an operator returning nothing returns what it
+    writes."""
+    for name, _, doc in _C.element_operators():
+        schema = getattr(torch.ops.dbprop, name).default._schema
+        params = inspect.signature(getattr(native_ops, name)).parameters
+        assert list(params) == [a.name for a in schema.arguments]
+        assert doc in getattr(native_ops, name).__doc__
+    xi, value = torch.randn(2, 4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    q0, gx = native_ops.penalty_head(xi, x=None, head="squared_norm", p1=1.0, p2=0.0, weight=torch.ones(4,
+                                     dtype=torch.float64), value=value, want_q0=True, want_input_grad=False)
+    torch.testing.assert_close(q0, 2 * xi)  # p = ‖ξ‖² per direction, ∇p = 2ξ
+    torch.testing.assert_close(value, (xi ** 2).sum((0, 2)))
+    assert gx is None
+    probs = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1)
+    eta = torch.zeros(4, 6, dtype=torch.float64)
+    assert native_ops.softmax_eta_accumulate(probs, torch.randn(1, 4, 6, dtype=torch.float64),
+                                             torch.randn(1, 4, 6, dtype=torch.float64), eta=eta) is eta

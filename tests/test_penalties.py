@@ -1,86 +1,62 @@
-"""Every penalty x output x small net: value and all gradients (parameters and x) equal autograd double
-backprop in float64 to relative 1e-9."""
+"""The penalty registry (tests/penalty_cases.py) against autograd double backprop in float64 to relative 1e-9:
+every case's function on every small net, its module at every reduction, on every backend and device; the
+meta-test fails for a public penalty function, module or head without a case."""
+import inspect
+
 import pytest
 import torch
 
 import dbprop
 from dbprop import functional as F
+from dbprop import modules as M
 from dbprop import penalties as P
 
-from helpers import compare
-from nets import NETS, build, draw_input
+from helpers import BACKENDS, DEVICES, compare
+from nets import build, draw_input
+from penalty_cases import CASES
 
 TOL = 1e-9
 B = 3
+NET_PARAMS = [(case, net) for case in sorted(CASES) for net in CASES[case].nets]
+#: per-sample weights of the reduction="none" check: unequal, one negative
+WEIGHTS = [0.3, -1.0, 2.0]
 
 
-def _labels(C):
-    return torch.tensor([1, 0, C - 1])[:B]
-
-
-# name -> (dbprop call(model, x, C, backend), reference head(C))
-CASES = {
-    "jacobian-logits": (lambda m, x, C, b: F.jacobian_penalty(m, x, backend=b),
-                        lambda C: P.JacobianFrobenius("logits")),
-    "jacobian-softmax": (lambda m, x, C, b: F.jacobian_penalty(m, x, output="softmax", backend=b),
-                         lambda C: P.JacobianFrobenius("softmax")),
-    "jacobian-softmax-chunk2": (lambda m, x, C, b: F.jacobian_penalty(m, x, output="softmax", chunk_size=2,
-                                                                      backend=b),
-                                lambda C: P.JacobianFrobenius("softmax")),
-    "jacobian-logits-chunk1": (lambda m, x, C, b: F.jacobian_penalty(m, x, chunk_size=1, backend=b),
-                               lambda C: P.JacobianFrobenius("logits")),
-    "random-logits": (lambda m, x, C, b: F.jacobian_penalty(m, x, estimator="random", num_projections=3,
-                                                            chunk_size=2, backend=b),
-                      lambda C: P.JacobianFrobenius("logits", "random", 3)),
-    "random-softmax": (lambda m, x, C, b: F.jacobian_penalty(m, x, output="softmax", estimator="random",
-                                                             num_projections=2, backend=b),
-                       lambda C: P.JacobianFrobenius("softmax", "random", 2)),
-    "output-gradient-logits": (lambda m, x, C, b: F.output_gradient_penalty(m, x, _labels(C), backend=b),
-                               lambda C: P.OutputGradient("logits", _labels(C))),
-    "output-gradient-softmax": (lambda m, x, C, b: F.output_gradient_penalty(m, x, 1, output="softmax", backend=b),
-                                lambda C: P.OutputGradient("softmax", 1)),
-    "double-backprop-ce": (lambda m, x, C, b: F.double_backprop_loss(m, x, _labels(C), weight=0.7, backend=b),
-                           lambda C: P.DoubleBackprop(_labels(C), 0.7)),
-    "double-backprop-mse": (lambda m, x, C, b: F.double_backprop_loss(m, x, _targets(C), weight=1.3, loss="mse",
-                                                                      backend=b),
-                            lambda C: P.DoubleBackprop(_targets(C), 1.3, "mse")),
-    "spectral-logits": (lambda m, x, C, b: F.spectral_norm_penalty(m, x, power_iterations=3, backend=b),
-                        lambda C: P.SpectralNorm("logits", 3)),
-    "spectral-softmax": (lambda m, x, C, b: F.spectral_norm_penalty(m, x, output="softmax", backend=b),
-                         lambda C: P.SpectralNorm("softmax", 1)),
-    "relevance": (lambda m, x, C, b: F.relevance_penalty(m, x, _labels(C), l1=0.3, l2=0.8, backend=b),
-                  lambda C: P.Relevance(_labels(C), 0.3, 0.8)),
-    "alignment": (lambda m, x, C, b: F.alignment_penalty(m, x, _labels(C), backend=b),
-                  lambda C: P.Alignment(_labels(C))),
-}
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
-
-
-def _targets(C):
-    return torch.linspace(-1, 1, B * C, dtype=torch.float64).reshape(B, C)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("net", sorted(NETS))
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_autograd(net, case, backend):
+def _setup(case, net, device, batch=B):
     model, shape = build(net)
-    x = draw_input(model, shape, B).requires_grad_(True)
+    model = model.to(device)
+    x = draw_input(model, shape, batch).to(device).requires_grad_(True)
     C = model(x).shape[1]
-    call, head = CASES[case]
-    value, ref, err = compare(model, x, lambda: call(model, x, C, backend), head(C))
+    return model, x, CASES[case].label_args(batch, C, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,net", NET_PARAMS)
+def test_function_matches_autograd(case, net, backend, device):
+    model, x, args = _setup(case, net, device)
+    c = CASES[case]
+    value, ref, err = compare(model, x, lambda: c.function(model, x, *args, **c.options, backend=backend),
+                              c.reference(args))
     assert torch.isfinite(value) and value.abs() > 0
     assert err <= TOL, f"{case} on {net}: relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("center", [0.0, 1.0])
-def test_gradient_penalty_matches_autograd(center, backend):
-    model, shape = build("critic")
-    x = draw_input(model, shape, 4).requires_grad_(True)
-    value, ref, err = compare(model, x, lambda: F.gradient_penalty(model, x, center=center, backend=backend),
-                              P.GradientNorm(center))
-    assert err <= TOL
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_module_matches_autograd_for_every_reduction(case, reduction, backend, device):
+    """The module form (which builds its head from its options) on the MLP (the critic for scalar-critic
+    penalties); reduction="none" through unequal per-sample weights."""
+    c = CASES[case]
+    net = "mlp" if "mlp" in c.nets else c.nets[0]
+    model, x, args = _setup(case, net, device)
+    pen = c.module(model, **c.options, reduction=reduction, backend=backend)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64, device=device) if reduction == "none" else None
+    value, ref, err = compare(model, x, lambda: pen(x, *args), c.reference(args), reduction=reduction, weights=weights)
+    assert value.shape == ref.shape and value.device == x.device
+    assert err <= TOL, f"{case}, reduction={reduction}: relative error {err:.3g}"
 
 
 def test_gradient_penalty_needs_scalar_critic():
@@ -90,16 +66,23 @@ def test_gradient_penalty_needs_scalar_critic():
 
 
 ABSTRACT_HEADS = {P.Penalty, P.SquaredNorm, P._LabelledLogits}
-#: heads whose case lives in its own test above (scalar critics only)
-OWN_TESTS = {P.GradientNorm: test_gradient_penalty_matches_autograd}
 
 
-def test_every_head_has_a_case():
+def test_every_penalty_has_a_case():
+    """Every head class of dbprop/penalties.py, every public function of dbprop.functional and every penalty
+    module of dbprop/modules.py is some case's reference head, function or module."""
     heads, todo = set(), [P.Penalty]
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
         if cls.__module__ == P.__name__:  # not the heads tests define for themselves
             heads.add(cls)
-    covered = {type(head(3)) for _, head in CASES.values()} | set(OWN_TESTS)
+    covered = {type(c.reference(c.label_args(B, 3, "cpu"))) for c in CASES.values()}
     assert heads - ABSTRACT_HEADS <= covered, f"penalty heads without a case: {heads - ABSTRACT_HEADS - covered}"
+    functions = {getattr(F, name) for name in F.__all__}
+    missing = functions - {c.function for c in CASES.values()}
+    assert not missing, f"penalty functions without a case: {sorted(f.__name__ for f in missing)}"
+    modules = {cls for _, cls in inspect.getmembers(M, inspect.isclass)
+               if issubclass(cls, M.PenaltyModule) and cls is not M.PenaltyModule and cls.__module__ == M.__name__}
+    missing = modules - {c.module for c in CASES.values()}
+    assert not missing, f"penalty modules without a case: {sorted(m.__name__ for m in missing)}"

@@ -6,6 +6,7 @@
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -135,6 +136,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Ten
     }
   });
   return {tangent, source, dgamma};
+}
+
+// The batchnorm families on CPU: this file's launchers behind their operators' checks
+// (csrc/ops.h, Kernels).
+namespace {
+#define DBPROP_CPU_LAUNCHER(name, schema, doc) static constexpr auto name = &cpu::name;
+struct Launchers {
+  DBPROP_BATCHNORM_OPS(DBPROP_CPU_LAUNCHER)
+};
+#undef DBPROP_CPU_LAUNCHER
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dbprop, CPU, m) {
+  DBPROP_BATCHNORM_OPS(DBPROP_REGISTER_KERNEL)
 }
 
 }  // namespace cpu

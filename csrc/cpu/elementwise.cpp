@@ -4,6 +4,7 @@
 #include "../kernels/elementwise.h"
 
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -202,6 +203,22 @@ at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at
     });
   });
   return out;
+}
+
+// The elementwise and activation families on CPU: this file's launchers behind their operators' checks
+// (csrc/ops.h, Kernels).
+namespace {
+#define DBPROP_CPU_LAUNCHER(name, schema, doc) static constexpr auto name = &cpu::name;
+struct Launchers {
+  DBPROP_ELEMENTWISE_OPS(DBPROP_CPU_LAUNCHER)
+  DBPROP_ACTIVATION_OPS(DBPROP_CPU_LAUNCHER)
+};
+#undef DBPROP_CPU_LAUNCHER
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dbprop, CPU, m) {
+  DBPROP_ELEMENTWISE_OPS(DBPROP_REGISTER_KERNEL)
+  DBPROP_ACTIVATION_OPS(DBPROP_REGISTER_KERNEL)
 }
 
 }  // namespace cpu

@@ -8,6 +8,7 @@
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -145,6 +146,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_train_bbp(const at::Ten
     }
   });
   return {tangent, source, dgamma};
+}
+
+// The batchnorm families on CUDA: this file's launchers behind their operators' checks
+// (csrc/ops.h, Kernels).
+namespace {
+#define DBPROP_CUDA_LAUNCHER(name, schema, doc) static constexpr auto name = &cuda::name;
+struct Launchers {
+  DBPROP_BATCHNORM_OPS(DBPROP_CUDA_LAUNCHER)
+};
+#undef DBPROP_CUDA_LAUNCHER
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dbprop, CUDA, m) {
+  DBPROP_BATCHNORM_OPS(DBPROP_REGISTER_KERNEL)
 }
 
 }  // namespace cuda

@@ -8,6 +8,7 @@
 #include "../kernels/elementwise.h"
 
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -248,7 +249,7 @@ at::Tensor activation_derivative_multiply(const at::Tensor& c, const at::Tensor&
   c10::cuda::CUDAGuard guard(c.device());
   at::Tensor out = at::empty_like(c);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool known = kernels::visit_activation(kind, [&](auto act) {  // kind was checked by csrc/ops.cpp
+  const bool known = kernels::visit_activation(kind, [&](auto act) {  // kind was checked by csrc/ops.h
     launch_activation_derivative_multiply<decltype(act)>(c, z, out, p1, p2, stream);
   });
   TORCH_CHECK(known, "unknown activation kind ", kind);
@@ -265,6 +266,22 @@ at::Tensor activation_source(const at::Tensor& xi, const at::Tensor& q, const at
   });
   TORCH_CHECK(known, "unknown activation kind ", kind);
   return out;
+}
+
+// The elementwise and activation families on CUDA: this file's launchers behind their operators' checks
+// (csrc/ops.h, Kernels).
+namespace {
+#define DBPROP_CUDA_LAUNCHER(name, schema, doc) static constexpr auto name = &cuda::name;
+struct Launchers {
+  DBPROP_ELEMENTWISE_OPS(DBPROP_CUDA_LAUNCHER)
+  DBPROP_ACTIVATION_OPS(DBPROP_CUDA_LAUNCHER)
+};
+#undef DBPROP_CUDA_LAUNCHER
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dbprop, CUDA, m) {
+  DBPROP_ELEMENTWISE_OPS(DBPROP_REGISTER_KERNEL)
+  DBPROP_ACTIVATION_OPS(DBPROP_REGISTER_KERNEL)
 }
 
 }  // namespace cuda

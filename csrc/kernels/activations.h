@@ -201,6 +201,27 @@ struct Mish {
   }
 };
 
+// F.hardswish: g = z min(max(z + 3, 0), 6)/6. PyTorch's hardswish_backward: g' = 0 for z <= -3, z/3 + 1/2 on
+// -3 < z < 3, 1 for z >= 3 (the open interval: checked against autograd at z = ±3); its derivative (autograd's
+// double backward) is g'' = 1/3 on -3 < z < 3 and 0 elsewhere.
+struct Hardswish {
+  template <typename T>
+  static DBPROP_HD T d1(T z, T, T) {
+    return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
+  }
+  template <typename T>
+  static DBPROP_HD T d2(T z, T, T) { return z > T(-3) && z < T(3) ? T(1) / T(3) : T(0); }
+};
+
+// F.hardsigmoid: g = min(max(z + 3, 0), 6)/6. PyTorch's hardsigmoid_backward: g' = 1/6 on -3 < z < 3 (open),
+// 0 elsewhere; g'' = 0 (autograd has no double backward for it; the a.e. derivative of g' is 0).
+struct Hardsigmoid {
+  template <typename T>
+  static DBPROP_HD T d1(T z, T, T) { return z > T(-3) && z < T(3) ? T(1) / T(6) : T(0); }
+  template <typename T>
+  static DBPROP_HD T d2(T, T, T) { return T(0); }
+};
+
 // The one table of smooth kinds: X(enum id, name, struct with d1 = g' and d2 = g''). Add a kind here (and its
 // struct above); the enum, the names, the name lookup and the launchers' dispatch all expand this table.
 #define DBPROP_SMOOTH_ACTIVATIONS(X)                        \
@@ -211,14 +232,16 @@ struct Mish {
   X(kActSoftplus, "softplus", ::dbprop::kernels::Softplus)  \
   X(kActTanh, "tanh", ::dbprop::kernels::Tanh)              \
   X(kActSigmoid, "sigmoid", ::dbprop::kernels::Sigmoid)     \
-  X(kActMish, "mish", ::dbprop::kernels::Mish)
+  X(kActMish, "mish", ::dbprop::kernels::Mish)                \
+  X(kActHardswish, "hardswish", ::dbprop::kernels::Hardswish) \
+  X(kActHardsigmoid, "hardsigmoid", ::dbprop::kernels::Hardsigmoid)
 
 #define DBPROP_ACTIVATION_ENUM(id, name, Act) id,
 enum ActivationKind : int { DBPROP_SMOOTH_ACTIVATIONS(DBPROP_ACTIVATION_ENUM) kNumActivations };
 #undef DBPROP_ACTIVATION_ENUM
 
 // Host side: calls f(Act{}) with the struct of `kind`; returns false for an unknown kind (the dispatchers in
-// csrc/ops.cpp reject those before any launcher runs).
+// csrc/ops.h reject those before any launcher runs).
 template <typename F>
 inline bool visit_activation(int64_t kind, F&& f) {
   switch (kind) {
