@@ -127,10 +127,19 @@ class CallsWithOtherMode(nn.BatchNorm2d):
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.1, self.eps)
 
 
-def test_functional_batch_norm_that_disagrees_with_the_module_is_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_batch_norm_that_disagrees_with_the_module_is_not_a_batchnorm_node(backend):
+    """Not the module's BatchNorm: an opaque call whose parameters are parameter leaves (docs/maths.md §4.14),
+    still exact."""
+    torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 1), CallsWithOtherMode(3), nn.Flatten(), nn.Linear(12, 2)).double().eval()
-    with pytest.raises(UnsupportedModelError, match="uses the parameter '1.weight' directly"):
-        dbprop.compile_model(model)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    ops = dbprop.compile_model(model).ops
+    assert not any(isinstance(op, nodes.BatchNorm) for op in ops)
+    assert sum(isinstance(op, nodes.ParameterLeaf) for op in ops) == 2
+    _check(model, torch.randn(4, 2, 2, 2, dtype=torch.float64), backend)
 
 
 # ------------------------------------------------------------------------------ functional per-sample norms

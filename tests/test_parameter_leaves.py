@@ -64,7 +64,8 @@ def test_lowering_of_each_form():
     program = dbprop.compile_model(Broadcasts().double())
     kinds = [type(op) for op in program.ops]
     assert kinds.count(nodes.ParameterLeaf) == 4 and nodes.Product in kinds
-    assert sum(k is nodes.Opaque for k in kinds) == 3  # the slice, the quotient by t, the quotient by an activation
+    assert sum(k is nodes.Opaque for k in kinds) == 2  # the quotient by t, the quotient by an activation
+    assert nodes.Route in kinds  # the slice (docs/maths.md §4.12)
     quotient = [op for op in program.ops if isinstance(op, nodes.ConstantAffine)]
     assert [op.how for op in quotient] == ["shift"]   # 1.5 + h
     frozen = dbprop.compile_model(Frozen())
