@@ -198,6 +198,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="warm calls per fresh process (median)")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--replot", metavar="JSON", help="only redraw jacobian_vs_C.png from a results file")
+    p.add_argument("--only", metavar="NET", help="only the full plan's rows of this network, autograd (a) against "
+                                                 "native dbprop (f); writes only-NET.{json,md}")
     args = p.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -207,15 +209,22 @@ def main(argv=None):
         args.budget = 0.5 if args.quick else 2.0
     device = torch.device(args.device)
     report = dict(machine=machine(), quick=args.quick, cases=[])
-    for row in plan(args.quick):
+    rows = plan(args.quick)
+    if args.only:
+        rows = [(*r[:5], [c for c in r[5] if c in ("a_autograd_sum", "f_dbprop_native")]) for r in rows
+                if r[1] == args.only]
+        if not rows:
+            p.error(f"--only: no row of the plan uses the network {args.only!r}")
+    for row in rows:
         print(f"{row[0]} {row[1]} B={row[2]} C={row[3]} {row[4]}", flush=True)
         report["cases"].append(run_case(row, args, device))
-    if not args.quick:
+    if not args.quick and not args.only:
         print("exact Jacobian versus C", flush=True)
         report["versus_C"] = memory_vs_C(args, device)
     os.makedirs(args.out, exist_ok=True)
-    stamp = "quick" if args.quick else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for name in (stamp, "latest-quick" if args.quick else "latest"):
+    stamp = f"only-{args.only}" if args.only else "quick" if args.quick else \
+        datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for name in (stamp,) if args.only else (stamp, "latest-quick" if args.quick else "latest"):
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.join(args.out, f"{name}.md"), "w") as f:
