@@ -56,7 +56,7 @@ MODELS = {
     "tv_regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=C), 32, 1.0),
     "tv_convnext_tiny": (lambda: tv.convnext_tiny(num_classes=C, stochastic_depth_prob=0.0), 32, 0.55),
     "tv_efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=C, stochastic_depth_prob=0.0, dropout=0.0),
-                           32, 0.0),
+                           32, 1.0),
     "tv_mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=C, dropout=0.0), 32, 1.0),
     "tv_mobilenet_v3_large": (lambda: tv.mobilenet_v3_large(num_classes=C, dropout=0.0), 32, 1.0),
     "tv_shufflenet_v2_x1_0": (lambda: tv.shufflenet_v2_x1_0(num_classes=C), 32, 1.0),
