@@ -146,6 +146,14 @@ class _Tracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------------- graph -> nodes
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__", "type", "is_floating_point"}
+
+
+def _is_meta_method(node: fx.Node) -> bool:
+    """A tensor method whose result is not a tensor (sizes, dtype names): a constant of the trace, not a node.
+    ``t.type()`` names the type; ``t.type(dtype)`` is a cast, a tensor that keeps ``t``'s derivatives."""
+    if node.op != "call_method" or node.target not in _META_METHODS:
+        return False
+    return node.target != "type" or (len(node.args) == 1 and not node.kwargs)
 #: tensor attributes that are not tensors (``x.shape``): reading one is a meta call; others (``W.T``) are calls
 _META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -287,7 +295,7 @@ class _Lowering:
                 continue
             found: List[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
-            meta = not found or (node.op == "call_method" and node.target in _META_METHODS) or \
+            meta = not found or _is_meta_method(node) or \
                 (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in _META_ATTRIBUTES)
             if meta:
                 steps.append(Step(self._call(node)))

@@ -13,7 +13,7 @@ from dbprop import penalties as P
 
 from helpers import assert_grads_close, grads_of
 
-BACKENDS = ["python"] + (["native"] if dbprop.native_available() else [])
+from helpers import BACKENDS  # noqa: E402  (one definition for every test file)
 
 
 class Broadcasts(nn.Module):
@@ -124,4 +124,31 @@ def test_a_transposed_parameter_attribute_is_a_parameter_function():
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     value = Fn.jacobian_penalty(model, x, output="softmax", strict=True)
     ref = fallback.autograd_penalty(model, P.JacobianFrobenius("softmax"), x).mean()
+    assert_grads_close(grads_of(value, model, x), grads_of(ref, model, x), rtol=1e-9)
+
+
+class Casts(nn.Module):
+    """``t.type(dtype)`` is a cast that keeps ``t``'s derivatives (CLIP adds ``positional_embedding.type(dtype)``):
+    of a parameter (its gradient must not be dropped) and of an activation (a node, not a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.w = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        h = h * self.w.type(torch.float64) + self.w.type(h.dtype)
+        return self.l2(torch.atan2(h, torch.sin(h).type(torch.float64) + 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_type_casts_keep_their_derivatives(backend):
+    torch.manual_seed(5)
+    model = Casts().double()
+    assert any(p is model.w for p in dbprop.compile_model(model).parameters())
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    value = Fn.jacobian_penalty(model, x, output="softmax", backend=backend, strict=True)
+    ref = fallback.autograd_penalty(model, P.JacobianFrobenius("softmax"), x).mean()
+    torch.testing.assert_close(value.detach(), ref.detach(), rtol=1e-10, atol=0)
     assert_grads_close(grads_of(value, model, x), grads_of(ref, model, x), rtol=1e-9)
