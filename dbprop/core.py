@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, engine, fallback
+from . import backends, engine, fallback, parametrized
 from .errors import UnsupportedModelError
 from .penalties import Penalty, check_chunk_size, check_input, check_model, check_reduction
 from .program import Program, _unwrap, cached_program, refuse_sharded
@@ -52,7 +52,8 @@ def autocast_off(model: nn.Module, x: Tensor):
 @dataclass
 class Evaluation:
     """One call's checked parts. ``program`` is ``None`` for the autograd fallback; ``params`` are the tensors
-    the gradients belong to (the program's parameters, or the model's for the fallback)."""
+    the gradients belong to (the program's parameters, or the model's for the fallback); ``pinned`` the call's
+    values of parametrized tensors (dbprop/parametrized.py), read once in ``prepare``."""
     model: nn.Module
     program: Optional[Program]
     head: Penalty
@@ -60,6 +61,7 @@ class Evaluation:
     chunk_size: Optional[int]
     backend: str
     params: List[Tensor]
+    pinned: Dict[Tuple[int, str], Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,14 +73,22 @@ class Grads:
 
 
 def prepare(model: nn.Module, head: Penalty, x: Tensor, reduction: str, chunk_size: Optional[int], backend: str,
-            strict: bool, stacklevel: int) -> Evaluation:
+            strict: bool, stacklevel: int, recompute: bool = False) -> Evaluation:
     """The program-or-fallback choice for an input that passed ``check_call``: the model's verified program, or
     the autograd fallback after one ``FallbackWarning`` per model (``stacklevel`` as for ``warnings.warn`` in the
-    caller); ``strict=True`` raises instead."""
+    caller); ``strict=True`` raises instead. The call's one read of each parametrized tensor happens here: its
+    state (spectral_norm's power iteration) moves, like BatchNorm's running statistics, for penalties that
+    replace the task forward (``head.has_loss``); ``recompute``: the read of a later recompute, which gives the
+    first read's value and moves nothing."""
+    pinned: Dict[Tuple[int, str], Tensor] = {}
     try:
         program = cached_program(model)
         program.check_shapes(x)
-        program.verify(x)
+        before = None if program.verified or not program.ir.parametrized else \
+            {name: b.clone() for name, b in program.model.named_buffers()}
+        pinned = program.read_parametrized(head.has_loss, recompute)
+        with parametrized.pinned(pinned):
+            program.verify(x, before)
     except UnsupportedModelError as e:
         if strict:
             raise
@@ -89,7 +99,7 @@ def prepare(model: nn.Module, head: Penalty, x: Tensor, reduction: str, chunk_si
         program = None
     model = _unwrap(model)  # the fallback, like the program, runs the module itself (gradients flow to its leaves)
     params = program.parameters() if program is not None else list(model.parameters())
-    return Evaluation(model, program, head, reduction, chunk_size, backend, params)
+    return Evaluation(model, program, head, reduction, chunk_size, backend, params, pinned)
 
 
 def reduce(values: Tensor, reduction: str) -> Tensor:
@@ -116,10 +126,11 @@ def value_and_grads(ev: Evaluation, x: Tensor, params: Sequence[Tensor], need_in
     keep = keep and (want or need_input)
     if ev.program is None:
         return _fallback(ev, x, params, need_input, need_params, w, keep, state, update_stats)
-    r = engine.run(ev.program, ev.head, x.detach(), sample_weight=w, need_param_grads=want,
-                   need_input_grad=need_input, chunk_size=ev.chunk_size, fp=state, keep_fp=keep,
-                   backend=ev.backend, update_stats=update_stats)
-    by_id = dict(zip(map(id, ev.program.parameters()), r.param_grads or []))
+    with parametrized.pinned(ev.pinned):
+        r = engine.run(ev.program, ev.head, x.detach(), sample_weight=w, need_param_grads=want,
+                       need_input_grad=need_input, chunk_size=ev.chunk_size, fp=state, keep_fp=keep,
+                       backend=ev.backend, update_stats=update_stats)
+    by_id = ev.program.gradients(r.param_grads, ev.pinned) if r.param_grads else {}
     gps = [by_id.get(id(p)) if n else None for p, n in zip(params, need_params)]
     return Grads(reduce(r.value, ev.reduction), r.input_grad if need_input else None, gps, r.fp if keep else None)
 

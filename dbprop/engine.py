@@ -4,13 +4,14 @@ accumulated ``η̂_L`` and sources ``ŝ`` (none at all when both vanish: logits 
 without second-order sources)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import memory, native, passes
+from . import memory, native, parametrized, passes
 from .nodes import PythonKernels
 from .passes import ForwardState, ParamGrads
 from .penalties import JacobianFrobenius, Penalty, _bcast
@@ -27,7 +28,7 @@ CHUNK_BUDGET_FLOOR_BYTES = 8 * 2 ** 20
 @dataclass
 class Result:
     value: Tensor                            # per-sample R_b, shape (B,)
-    param_grads: Optional[List[Optional[Tensor]]]  # aligned with program.parameters()
+    param_grads: Optional[List[Optional[Tensor]]]  # aligned with program.ir.params (Program.gradients maps them)
     input_grad: Optional[Tensor]             # per-sample ∇x R_b (times its weight), shape of x
     fp: ForwardState
 
@@ -88,10 +89,11 @@ def _accumulate(total: Optional[Tensor], term: Tensor) -> Tensor:
 
 def run(program: Program, head: Penalty, x: Tensor, **options) -> Result:
     """Per-sample penalty values and, if asked, the gradients of ``Σ_b w_b R_b`` (docs/maths.md §6); see
-    ``_run`` for the options. On CPU the passes' work tensors come from the workspace (dbprop/memory.py)."""
-    if x.device.type != "cpu":
-        return _run(program, head, x, **options)
-    with memory.workspace():
+    ``_run`` for the options. On CPU the passes' work tensors come from the workspace (dbprop/memory.py).
+    Parametrized weights are the pinned ones of the call (dbprop/core.py); where none are pinned they are read
+    here, once, as ``model(x)`` reads them (the gradients are then those of the weights, ``ir.params``)."""
+    pins = {} if parametrized.is_pinned(program.ir.param_sources) else program.read_parametrized(keep_state=True)
+    with parametrized.pinned(pins), (memory.workspace() if x.device.type == "cpu" else contextlib.nullcontext()):
         return _run(program, head, x, **options)
 
 

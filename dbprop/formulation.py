@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -86,7 +87,9 @@ class ConvGeometry:
 
 
 class WeightCache:
-    """``f(W)`` for the live weight, rebuilt when ``W`` changes (storage or version counter: an optimizer step)."""
+    """``f(W)`` for the live weight, rebuilt when ``W`` changes: another tensor object (a parametrized weight is
+    a new tensor each call, possibly in the storage of the last one), storage or version counter (an optimizer
+    step)."""
 
     def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
         self.f, self._entry, self._lock = f, None, threading.Lock()
@@ -94,11 +97,11 @@ class WeightCache:
     def __call__(self, w: Tensor) -> Tensor:
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         entry = self._entry
-        if entry is not None and entry[0] == key:
-            return entry[1]
+        if entry is not None and entry[0]() is w and entry[1] == key:
+            return entry[2]
         with self._lock:
             value = self.f(w.detach())
-            self._entry = (key, value)
+            self._entry = (weakref.ref(w), key, value)
         return value
 
 

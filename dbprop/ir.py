@@ -14,9 +14,10 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import nodes as N
+from . import parametrized
 from .errors import UnsupportedModelError
 
 INPUT = -1  # the program input in a node's argument list
@@ -84,7 +85,9 @@ class IR:
     * ``last_use[i]``          the traced values no step after step ``i`` reads (a forward pass frees them;
       ``x`` and the output are kept);
     * ``params``, ``param_index[n]``  every parameter the nodes read, once each (shared modules: gradients
-      are summed), and the positions in it of node ``n``'s ``op.params()``.
+      are summed), and the positions in it of node ``n``'s ``op.params()``; ``param_sources[i]`` is
+      ``(module, name)`` where ``params[i]`` is a parametrized tensor (its value at compile time; each call
+      reads and pins its own, dbprop/parametrized.py), else ``None``.
     """
 
     name: str                                   # the model's class name
@@ -101,6 +104,7 @@ class IR:
     reaches_output: Tuple[bool, ...] = field(init=False)
     last_use: Tuple[Tuple[fx.Node, ...], ...] = field(init=False)
     params: Tuple[Tensor, ...] = field(init=False)
+    param_sources: Tuple[Optional[Tuple[nn.Module, str]], ...] = field(init=False)
     param_index: Tuple[Tuple[int, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,15 +140,21 @@ class IR:
             last_use.append(tuple(frees))
         put("last_use", tuple(reversed(last_use)))
         params: list = []
+        sources: list = []
         ids: dict = {}
         index = []
         for op in self.ops:
-            for p in op.params():
-                if id(p) not in ids:
-                    ids[id(p)] = len(params)
+            ps = op.params()
+            for p, src in zip(ps, op.param_sources()):
+                key = id(p) if src is None else (id(src[0]), src[1])
+                if key not in ids:
+                    ids[key] = len(params)
                     params.append(p)
-            index.append(tuple(ids[id(p)] for p in op.params()))
+                    sources.append(src)
+            index.append(tuple(ids[id(p) if src is None else (id(src[0]), src[1])]
+                               for p, src in zip(ps, op.param_sources())))
         put("params", tuple(params))
+        put("param_sources", tuple(sources))
         put("param_index", tuple(index))
 
     # ---- queries
@@ -153,8 +163,16 @@ class IR:
         return self.op_nodes[self.output]
 
     def parameters(self) -> list:
-        """Every parameter the nodes read, once each (shared modules: gradients are summed)."""
-        return list(self.params)
+        """Every parameter the nodes read, once each (shared modules: gradients are summed); a parametrized
+        tensor as the call's pinned value where one is pinned."""
+        if not self.parametrized:
+            return list(self.params)
+        return [p if src is None else parametrized.tensor(*src) for p, src in zip(self.params, self.param_sources)]
+
+    @property
+    def parametrized(self) -> bool:
+        """Whether some node reads a parametrized tensor."""
+        return any(src is not None for src in self.param_sources)
 
     @property
     def opaque_nodes(self) -> list:

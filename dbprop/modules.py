@@ -45,7 +45,7 @@ class PenaltyModule(nn.Module):
         for name, value in options.items():
             setattr(self, name, value)
         # the options are checked by the head's constructor; DoubleBackpropLoss replaces the task forward, so
-        # under torch.compile the operator carries the model's buffers (BatchNorm statistics move)
+        # under torch.compile the operator returns the model's buffers moved (BatchNorm statistics)
         self._head_updates_buffers = self._head(None).has_loss
         P.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
@@ -65,7 +65,7 @@ class PenaltyModule(nn.Module):
             params = list(self.model.parameters())
             grad = torch.is_grad_enabled()
             need_params = [grad and p.requires_grad for p in params]
-            buffers = list(self.model.buffers()) if self._head_updates_buffers else []
+            buffers = list(self.model.buffers())
             value, _, _, new_buffers = torch.ops.dbprop.penalty(x, params, labels, buffers, self._handle,
                                                                 need_params, grad and x.requires_grad)
             with torch.no_grad():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import parametrized
 from .formulation import ConvGeometry, ConvProducts
 
 Grads = List[Optional[Tensor]]
@@ -247,6 +248,11 @@ class Op:
         """The parameters ``θ`` of this node (live tensors of its module)."""
         return []
 
+    def param_sources(self) -> List[Optional[Tuple[nn.Module, str]]]:
+        """Per entry of ``params()``: ``(module, name)`` where it is a parametrized tensor read once per call and
+        chained to its parametrization's parameters (dbprop/parametrized.py), else ``None``."""
+        return [None] * len(self.params())
+
     def run(self, xs: List[Tensor], ctx: RunContext) -> Tuple[Tensor, Any]:
         raise NotImplementedError
 
@@ -332,7 +338,25 @@ class WeightAndBias:
         return [p for p in (self.weight, self.bias) if p is not None]
 
 
-class Affine(WeightAndBias, Unary):
+class Parametrizable(WeightAndBias):
+    """Weight and bias that may be parametrized (``torch.nn.utils.parametrize``, docs/maths.md §4.16): read as
+    the call's pinned value (dbprop/parametrized.py)."""
+
+    @property
+    def weight(self) -> Optional[Tensor]:
+        return parametrized.tensor(self.module, "weight")
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return parametrized.tensor(self.module, "bias")
+
+    def param_sources(self):
+        m = self.module
+        return [(m, name) if isinstance(m, nn.Module) and parametrized.is_parametrized(m, name) else None
+                for name, p in (("weight", self.weight), ("bias", self.bias)) if p is not None]
+
+
+class Affine(Parametrizable, Unary):
     """``y = K(W, x) + b``: ``K`` forward, ``Kᵀ`` transpose, ``K□`` weight adjoint (docs/maths.md §4.1).
     ``saved`` is ``(x or None, x.shape)``."""
 
@@ -416,8 +440,8 @@ class Conv(Affine):
         self.products = ConvProducts(ConvGeometry(self.dim, tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation),
                                                   m.groups, tuple(pads)))
 
-    def forward(self, x, ctx):
-        return self.module(x), (x if ctx.keep_inputs else None, x.shape)
+    def forward(self, x, ctx):  # the module's own convolution (padding modes), with the node's weight and bias
+        return self.module._conv_forward(x, self.weight, self.bias), (x if ctx.keep_inputs else None, x.shape)
 
     def apply_K(self, x):
         return self.products.K(self.weight, x, x.shape)

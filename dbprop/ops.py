@@ -17,6 +17,7 @@ the op's implementation, i.e. at run time, and do not break the graph.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -67,7 +68,7 @@ def _run(handle, x, labels, params, need_params, need_input, weight):
     # the checks here, at run time: the finiteness check syncs, it must not break the graph
     backend = core.check_call(model, x, module.reduction, module.chunk_size, module.backend)
     ev = core.prepare(model, module._head(labels), x, module.reduction, module.chunk_size, backend, module.strict,
-                      stacklevel=3)
+                      stacklevel=3, recompute=weight is not None)
     if weight is None:
         now = module.reduction != "none"
         r = core.value_and_grads(ev, x, live, now and need_input, [now and n for n in need_params])
@@ -83,36 +84,59 @@ def _run(handle, x, labels, params, need_params, need_input, weight):
 def penalty(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: List[Tensor], handle: int,
             need_params: List[bool], need_input: bool) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
     """``(reduced value, ∇x R (zeros unless need_input), [∇θ R per parameter (zeros where not needed)],
-    [new values of buffers])``. ``buffers``: the model's buffers when the penalty replaces the task forward
-    (double backprop: BatchNorm running statistics move), else empty. The op itself changes nothing (it is
-    functional); the caller writes the new buffer values back."""
+    [new values of buffers])``. ``buffers``: the values of the model's buffers at this point of the step (inputs,
+    so that the compiler orders the call after the step's earlier updates of them: a spectral_norm power
+    iteration in the task forward); the new values come back when the penalty replaces the task forward
+    (double backprop: BatchNorm running statistics move), else none. The op itself changes nothing (it is
+    functional); the caller writes the new values back."""
     module = _module(handle)
-    live = list(module.model.buffers()) if buffers else []
-    before = [b.clone() for b in live]
-    value, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, None)
-    after = [b.clone() for b in live]
-    with torch.no_grad():
-        for b, old in zip(live, before):
-            b.copy_(old)
+    with _buffers_as(module.model, buffers) as live:
+        value, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, None)
+        after = [b.clone() for b in live] if module._head_updates_buffers else []
     return value, gx, gps, after
+
+
+@contextlib.contextmanager
+def _buffers_as(model, values: List[Tensor]):
+    """The model's buffers hold ``values`` inside (the op's inputs; in eager use, the buffers themselves), and
+    what they held before afterwards."""
+    live = list(model.buffers())
+    if len(live) != len(values):
+        raise RuntimeError("dbprop::penalty: the model's buffers changed since the graph was traced")
+    before = [b.clone() for b in live]
+    with torch.no_grad():
+        for b, v in zip(live, values):
+            if v is not b:
+                b.copy_(v)
+    try:
+        yield live
+    finally:
+        with torch.no_grad():
+            for b, old in zip(live, before):
+                if not torch.equal(b, old):
+                    b.copy_(old)
 
 
 @penalty.register_fake
 def _(x, params, labels, buffers, handle, need_params, need_input):
-    value = x.new_empty(()) if _module(handle).reduction != "none" else x.new_empty(x.shape[:1])
-    return value, torch.empty_like(x), [torch.empty_like(p) for p in params], [torch.empty_like(b) for b in buffers]
+    module = _module(handle)
+    value = x.new_empty(()) if module.reduction != "none" else x.new_empty(x.shape[:1])
+    moved = [torch.empty_like(b) for b in buffers] if module._head_updates_buffers else []
+    return value, torch.empty_like(x), [torch.empty_like(p) for p in params], moved
 
 
 @torch.library.custom_op("dbprop::penalty_grads", mutates_args=())
-def penalty_grads(x: Tensor, params: List[Tensor], labels: Optional[Tensor], weight: Tensor, handle: int,
-                  need_params: List[bool], need_input: bool) -> Tuple[Tensor, List[Tensor]]:
-    """``∇ Σ_b weight_b R_b`` (``reduction="none"``): ``(∇x, [∇θ per parameter])``, recomputed with those weights."""
-    _, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, weight)
+def penalty_grads(x: Tensor, params: List[Tensor], labels: Optional[Tensor], buffers: List[Tensor], weight: Tensor,
+                  handle: int, need_params: List[bool], need_input: bool) -> Tuple[Tensor, List[Tensor]]:
+    """``∇ Σ_b weight_b R_b`` (``reduction="none"``): ``(∇x, [∇θ per parameter])``, recomputed with those weights
+    from the buffers as the forward call left them (``buffers``)."""
+    with _buffers_as(_module(handle).model, buffers):
+        _, gx, gps = _implementation(handle, x, labels, params, need_params, need_input, weight)
     return gx, gps
 
 
 @penalty_grads.register_fake
-def _(x, params, labels, weight, handle, need_params, need_input):
+def _(x, params, labels, buffers, weight, handle, need_params, need_input):
     return torch.empty_like(x), [torch.empty_like(p) for p in params]
 
 
@@ -126,19 +150,22 @@ penalty_grads.register_autograd(_no_second_derivative, setup_context=lambda ctx,
 
 def _setup_context(ctx, inputs, output):
     x, params, labels, buffers, handle, need_params, need_input = inputs
-    _, gx, gps, _ = output
+    _, gx, gps, moved = output
     ctx.handle, ctx.need_params, ctx.need_input, ctx.num_params = handle, need_params, need_input, len(params)
     ctx.num_buffers = len(buffers)
     ctx.none = _module(handle).reduction == "none"
-    ctx.save_for_backward(gx, x, labels, *gps, *params)
+    # the buffers as the call left them, for a recompute (copies: the step may update them in place later)
+    state = (moved or [b.detach().clone() for b in buffers]) if ctx.none else []
+    ctx.save_for_backward(gx, x, labels, *gps, *params, *state)
 
 
 def _backward(ctx, g_value, g_input_grad, g_param_grads, g_buffers):
     saved = ctx.saved_tensors
     n = ctx.num_params
-    gx, x, labels, gps, params = saved[0], saved[1], saved[2], list(saved[3:3 + n]), list(saved[3 + n:])
+    gx, x, labels, gps = saved[0], saved[1], saved[2], list(saved[3:3 + n])
+    params, state = list(saved[3 + n:3 + 2 * n]), list(saved[3 + 2 * n:])
     if ctx.none:  # per-sample weights: recompute (exact where samples are coupled)
-        gx, gps = penalty_grads(x, params, labels, g_value, ctx.handle, ctx.need_params, ctx.need_input)
+        gx, gps = penalty_grads(x, params, labels, state, g_value, ctx.handle, ctx.need_params, ctx.need_input)
     else:
         gx, gps = gx * g_value, [g * g_value for g in gps]
     grad_params = [g if want else None for g, want in zip(gps, ctx.need_params)]

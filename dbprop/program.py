@@ -2,8 +2,9 @@
 
 Why ``torch.fx`` symbolic tracing: it records exactly the calls ``forward`` makes (subclass ``forward``s,
 module reuse, residual sums, ``torch.cat``, ``view``s), names every node by its module path, and fails
-loudly on data-dependent control flow. What it cannot see (hooks, parametrizations, global hooks) is
-refused here, and every program checks itself once against ``model(x)`` on the first input it runs.
+loudly on data-dependent control flow. What it cannot see (hooks, global hooks) is refused here; weight
+parametrizations are read once per call (dbprop/parametrized.py); every program checks itself once against
+``model(x)`` on the first input it runs.
 
 Layout: the kind table and the refusals, the tracer, the lowering to the immutable IR (:mod:`dbprop.ir`),
 :class:`Program` (the IR with the self-check and the per-program caches), ``compile_model`` and the cache.
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import nodes as N
+from . import parametrized
 from .errors import UnsupportedModelError
 from .ir import INPUT, IR, Step, TracedCall, as_output_matrix
 from .passes import Passes
@@ -54,9 +56,9 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def module_kind(m: nn.Module) -> Optional[Callable[[str, nn.Module], N.Op]]:
     """The node factory of module ``m``'s kind (by type, then by module path and class name), or ``None``."""
-    make = MODULE_KINDS.get(type(m))
+    t = parametrized.unparametrized_type(m)
+    make = MODULE_KINDS.get(t)
     if make is None:
-        t = type(m)
         make = next((f for (prefix, name), f in MODULE_NAMES.items()
                      if t.__name__ == name and t.__module__.startswith(prefix)), None)
     return make
@@ -89,7 +91,7 @@ def refuse_sharded(model: nn.Module) -> None:
 
 
 def _refuse_invisible(model: nn.Module) -> None:
-    """Hooks and parametrizations change what ``model(x)`` computes without appearing in the traced graph."""
+    """Hooks change what ``model(x)`` computes without appearing in the traced graph."""
     from torch.nn.modules import module as M
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks"):
@@ -98,19 +100,45 @@ def _refuse_invisible(model: nn.Module) -> None:
                                         "what it does to the model's forward")
     for name, m in model.named_modules():
         where = f"'{name}' ({type(m).__name__})" if name else type(m).__name__
-        if parametrize.is_parametrized(m):
-            raise UnsupportedModelError(
-                f"{where} has parametrizations ({', '.join(m.parametrizations.keys())}); dbprop does not represent "
-                "torch.nn.utils.parametrize (the penalty falls back to autograd)")
         for attr, what in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
                            ("_backward_hooks", "backward hook"), ("_backward_pre_hooks", "backward pre-hook")):
             hooks = getattr(m, attr, None)
             if hooks:
                 kinds = ", ".join(sorted({type(h).__name__ if not callable(h) or hasattr(h, "name")
                                           else getattr(h, "__qualname__", type(h).__name__) for h in hooks.values()}))
+                legacy = " Use torch.nn.utils.parametrizations.spectral_norm / weight_norm instead (supported)." \
+                    if any(k in kinds for k in ("SpectralNorm", "WeightNorm")) else ""
                 raise UnsupportedModelError(
-                    f"{where} has a {what} ({kinds}); hooks (e.g. torch.nn.utils.spectral_norm / weight_norm) "
-                    "change the forward in ways dbprop cannot see")
+                    f"{where} has a {what} ({kinds}); hooks (e.g. the older torch.nn.utils.spectral_norm / "
+                    f"weight_norm) change the forward in ways dbprop cannot see.{legacy}")
+
+
+def _refuse_parametrized(model: nn.Module, graph: fx.Graph, ir: IR) -> None:
+    """Parametrized tensors (docs/maths.md §4.16) are supported as the weight and bias of affine nodes, which
+    read them once per call; read anywhere else (an opaque node, another kind, traced code) they are refused."""
+    found = parametrized.targets(model)
+    if not found:
+        return
+    values = {id(getattr(m, name)): f"{path}.{name}".lstrip(".") for path, m, name in found}  # parametrize.cached()
+    for node in graph.nodes:  # traced code reading one: a constant tensor, or a call of its ParametrizationList
+        read = values.get(id(_attr(model, node.target))) if node.op == "get_attr" else \
+            node.target.replace(".parametrizations.", ".") if node.op == "call_module" and isinstance(
+                _attr(model, node.target), parametrize.ParametrizationList) else None
+        if read is not None:
+            raise UnsupportedModelError(
+                f"the parametrized tensor '{read}' is read directly in a forward; dbprop supports "
+                "parametrizations of the weight and bias of Conv and Linear modules it runs as nodes")
+    paths = {id(m): path for path, m, _ in found}
+    for op in ir.ops:
+        if not isinstance(op.module, nn.Module):
+            continue
+        for m in op.module.modules():
+            if id(m) in paths and not (isinstance(op, N.Parametrizable) and m is op.module):
+                where = f"the {op.kind} node {op.name}" + ("" if op.native else " (opaque)")
+                raise UnsupportedModelError(
+                    f"'{paths[id(m)]}' ({parametrized.unparametrized_type(m).__name__}) has parametrizations "
+                    f"({', '.join(m.parametrizations.keys())}) and is computed by {where}; dbprop supports "
+                    "parametrizations of the weight and bias of Conv and Linear modules it runs as nodes")
 
 
 _NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm)
@@ -601,8 +629,28 @@ class Program:
     native_chain = property(lambda self: self.ir.native_chain)
 
     def parameters(self) -> List[Tensor]:
-        """Every parameter the nodes read, once each (shared modules: gradients are summed)."""
-        return self.ir.parameters()
+        """The tensors the gradients belong to: every parameter the nodes read, once each (shared modules:
+        gradients are summed), a parametrized tensor replaced by its parametrization's parameters (§4.16)."""
+        out: Dict[int, Tensor] = {}
+        for p, src in zip(self.ir.params, self.ir.param_sources):
+            out.update((id(t), t) for t in ([p] if src is None else parametrized.leaves(src)))
+        return list(out.values())
+
+    def read_parametrized(self, keep_state: bool, recompute: bool = False) -> Dict[Tuple[int, str], Tensor]:
+        """This call's values of the parametrized tensors the nodes read, for ``parametrized.pinned``: one
+        forward of each parametrization (see ``parametrized.read``)."""
+        if not self.ir.parametrized:
+            return {}
+        return parametrized.read(list(filter(None, self.ir.param_sources)), keep_state, recompute)
+
+    def gradients(self, node_grads: List[Optional[Tensor]], values: Dict[Tuple[int, str], Tensor]) -> Dict[int, Tensor]:
+        """The passes' gradients (aligned with ``ir.params``) by ``id`` of the tensors of ``parameters()``: a
+        parametrized tensor's chained to its parametrization's parameters with ``values`` (4.21)."""
+        out = {id(p): g for p, src, g in zip(self.ir.params, self.ir.param_sources, node_grads)
+               if src is None and g is not None}
+        for i, g in parametrized.chain(self.ir.param_sources, node_grads, values).items():
+            out[i] = g if i not in out else out[i] + g
+        return out
 
     def explain(self) -> str:
         """One line per node: index, kind, where it came from, its inputs and whether it runs natively."""
@@ -612,13 +660,22 @@ class Program:
 
     # ---- per program
     def native(self):
-        """The chain as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors)."""
-        if self._native is None:
-            from .backends import native_module
-            affine = [op for op in self.ops if isinstance(op, N.Affine)]
-            self._native = native_module().Program([op.descriptor() for op in self.ops], [op.weight for op in affine],
-                                                   [op.bias for op in affine])
-        return self._native
+        """The chain as a ``dbprop._C.Program`` (descriptors plus the live weight and bias tensors; with
+        parametrized weights, the call's pinned ones: one per set of weights, the last one kept)."""
+        from .backends import native_module
+        affine = [op for op in self.ops if isinstance(op, N.Affine)]
+        if not self.ir.parametrized:
+            if self._native is None:
+                self._native = native_module().Program([op.descriptor() for op in self.ops],
+                                                       [op.weight for op in affine], [op.bias for op in affine])
+            return self._native
+        tensors = [t for op in affine for t in (op.weight, op.bias)]
+        last = self._native
+        if last is None or len(last[0]) != len(tensors) or any(a is not b for a, b in zip(last[0], tensors)):
+            last = (tensors, native_module().Program([op.descriptor() for op in self.ops], tensors[0::2],
+                                                     tensors[1::2]))
+            self._native = last  # holds the tensors: their ids are not reused while compared
+        return last[1]
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` cannot be fed to the program."""
@@ -646,9 +703,11 @@ class Program:
                 raise ValueError(f"{op.name} (Linear) expects {op.module.in_features} input features in the last "
                                  f"dimension; got shape {tuple(x.shape)}")
 
-    def verify(self, x: Tensor) -> None:
+    def verify(self, x: Tensor, buffers: Optional[Dict[str, Tensor]] = None) -> None:
         """Once per program: the traced program must reproduce ``model(x)`` (outputs equal to float tolerance).
-        Runs with dropout off, the RNG forked and the model's buffers untouched (BatchNorm statistics)."""
+        Runs with dropout off, the RNG forked and the model's buffers untouched (BatchNorm statistics), within
+        the call's ``parametrized.pinned`` values; ``buffers``: copies of the buffers taken before those were
+        read (the reference's own read of a parametrization then moves the same state the same way)."""
         if self.verified:
             return
         if self.refusal is not None:
@@ -658,7 +717,8 @@ class Program:
         # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
         # in-place restore would bump their version counters and break a graph that saved them, e.g. the
         # running statistics of an eval-mode BatchNorm in the task loss computed just before)
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        if buffers is None:
+            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
             for m in dropouts:
                 m.training = False
@@ -694,7 +754,8 @@ def compile_model(model: nn.Module) -> Program:
     first input it runs.
 
     Raises:
-        UnsupportedModelError: hooks, parametrizations, models that torch.fx cannot trace (with its reason),
+        UnsupportedModelError: hooks, parametrized tensors read other than as the weight or bias of a Conv or
+            Linear node, models that torch.fx cannot trace (with its reason),
             several inputs (``forward`` parameters after the first are traced with their defaults; one
             without a default is refused) or outputs, in-place calls on traced tensors.
     """
@@ -702,22 +763,28 @@ def compile_model(model: nn.Module) -> Program:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
     _refuse_invisible(model)
-    # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1)): restore any
-    # buffer the trace changed, so that compiling leaves the model as it was
+    # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1), a
+    # spectral_norm power-iteration step): restore any buffer the trace changed, so that compiling leaves the
+    # model as it was. Inside parametrize.cached(), every read of a parametrized tensor gives one tensor.
     buffers = [(b, b.clone()) for b in model.buffers()]
     concrete = _specialise_defaults(model)
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete or None)
-        _drop_specialised(graph)
-        _fuse_split_items(graph)
-    except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
-        raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
+        with parametrize.cached():
+            try:
+                graph = _Tracer().trace(model, concrete_args=concrete or None)
+                _drop_specialised(graph)
+                _fuse_split_items(graph)
+            except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
+                raise UnsupportedModelError(
+                    f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
+            ir = _Lowering(model)(graph)
+            _refuse_parametrized(model, graph, ir)
     finally:
         with torch.no_grad():
             for b, before in buffers:
                 if not torch.equal(b, before):
                     b.copy_(before)
-    return Program(model, _Lowering(model)(graph))
+    return Program(model, ir)
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Program]]" = weakref.WeakKeyDictionary()

@@ -21,6 +21,13 @@ def _critic(seed=0):
     return nn.Sequential(_net(seed), nn.Tanh(), nn.Linear(5, 1)).double()
 
 
+def _sn_critic(seed=0):
+    """An SN-GAN critic: spectral_norm parametrizations (a power-iteration step per forward in train mode)."""
+    torch.manual_seed(seed)
+    sn = nn.utils.parametrizations.spectral_norm
+    return nn.Sequential(sn(nn.Conv2d(3, 4, 3, stride=2)), nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.Linear(36, 1))).double()
+
+
 X = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 Y = torch.tensor([0, 1, 2, 3])
 
@@ -34,6 +41,7 @@ PENALTIES = {  # name -> (model factory, penalty factory, call)
     "relevance": (_net, lambda m: dbprop.RelevancePenalty(m, l1=0.1, l2=1.0), lambda p, x, y: p(x, y)),
     "alignment": (_net, lambda m: dbprop.AlignmentPenalty(m), lambda p, x, y: p(x, y)),
     "gradient-penalty": (_critic, lambda m: dbprop.GradientPenalty(m), lambda p, x, y: p(x)),
+    "gradient-penalty-spectral-norm": (_sn_critic, lambda m: dbprop.GradientPenalty(m), lambda p, x, y: p(x)),
 }
 
 
@@ -41,7 +49,7 @@ def _step(model, pen, call, name):
     def step(x, y):
         if name == "double-backprop":  # it replaces the task loss (and the task forward)
             return call(pen, x, y)
-        task = model(x).pow(2).mean() if name == "gradient-penalty" else nn.functional.cross_entropy(model(x), y)
+        task = model(x).pow(2).mean() if name.startswith("gradient-penalty") else nn.functional.cross_entropy(model(x), y)
         return task + 0.3 * call(pen, x, y)
     return step
 
@@ -86,14 +94,18 @@ def test_compiled_with_inductor_matches_eager():
     assert_grads_close(got[1], eager[1])
 
 
-def test_compiled_reduction_none_with_weights_is_exact():
-    model = _net()
+@pytest.mark.parametrize("make_model", [_net, _sn_critic])
+def test_compiled_reduction_none_with_weights_is_exact(make_model):
+    """The backward recomputes with the per-sample weights, from the buffers as the forward call left them."""
+    model = make_model()
     pen = dbprop.JacobianPenalty(model, output="softmax", reduction="none")
     w = torch.rand(4, dtype=torch.float64)
 
     def step(x, y):
-        return (pen(x) * w).sum()
+        return (pen(x) * w).sum() + model(x).pow(2).mean()  # the task forward after it moves the state
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     eager = _run(step, model, X)
+    model.load_state_dict(state)
     torch._dynamo.reset()
     got = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), model, X)
     assert_grads_close(got[1], eager[1])
@@ -101,7 +113,7 @@ def test_compiled_reduction_none_with_weights_is_exact():
 
 def _op_args(pen, model, labels=None):
     params = list(model.parameters())
-    buffers = list(model.buffers()) if pen._head_updates_buffers else []
+    buffers = list(model.buffers())
     return (X.clone(), params, labels, buffers, pen._handle, [True] * len(params), True)
 
 
@@ -118,12 +130,14 @@ def test_opcheck_penalty_grads_operator():
     model = _net().eval()
     pen = dbprop.JacobianPenalty(model, reduction="none")
     params = [p.detach() for p in model.parameters()]  # only ever called inside a backward: no graph
-    args = (X.clone(), params, None, torch.rand(4, dtype=torch.float64), pen._handle, [True] * len(params), True)
+    buffers = [b.clone() for b in model.buffers()]
+    args = (X.clone(), params, None, buffers, torch.rand(4, dtype=torch.float64), pen._handle, [True] * len(params),
+            True)
     torch.library.opcheck(torch.ops.dbprop.penalty_grads.default, args)
     with pytest.raises(RuntimeError, match="not differentiable again"):
         x = X.clone().requires_grad_(True)
-        gx, _ = torch.ops.dbprop.penalty_grads(x, params, None, torch.rand(4, dtype=torch.float64), pen._handle,
-                                               [True] * len(params), True)
+        gx, _ = torch.ops.dbprop.penalty_grads(x, params, None, buffers, torch.rand(4, dtype=torch.float64),
+                                               pen._handle, [True] * len(params), True)
         gx.sum().backward()
 
 
