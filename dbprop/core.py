@@ -81,15 +81,22 @@ def prepare(model: nn.Module, head: Penalty, x: Tensor, reduction: str, chunk_si
     replace the task forward (``head.has_loss``); ``recompute``: the read of a later recompute, which gives the
     first read's value and moves nothing."""
     pinned: Dict[Tuple[int, str], Tensor] = {}
+    before: Optional[Dict[str, Tensor]] = None
     try:
         program = cached_program(model)
         program.check_shapes(x)
-        before = None if program.verified or not program.ir.parametrized else \
-            {name: b.clone() for name, b in program.model.named_buffers()}
+        if not program.verified and program.ir.parametrized:
+            before = {name: b.clone() for name, b in program.model.named_buffers()}
         pinned = program.read_parametrized(head.has_loss, recompute)
         with parametrized.pinned(pinned):
             program.verify(x, before)
     except UnsupportedModelError as e:
+        if before is not None:  # the fallback's own forward moves the state: undo the read's move
+            with torch.no_grad():
+                for name, b in _unwrap(model).named_buffers():
+                    if not torch.equal(b, before[name]):
+                        b.copy_(before[name])
+        pinned = {}
         if strict:
             raise
         if model not in _warned:
