@@ -1544,8 +1544,12 @@ class Attention(Op):
         if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
             raise UnsupportedOp(f"{self.name}: scaled_dot_product_attention with dropout_p={dropout_p}; dbprop needs "
                                 "dropout_p=0 (pass dropout_p=0.0 in eval mode or use an attention without dropout)")
-        if not (q.dim() == k.dim() == v.dim() >= 3) or q.shape[:-2] != k.shape[:-2] or \
-                k.shape[:-2] != v.shape[:-2] or k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        per_sample = ctx.input_per_sample(xs)
+        rows = {t.shape[0] for t, p in zip(xs, per_sample) if p}
+        if not (q.dim() == k.dim() == v.dim() >= 3) or len({t.shape[1:-2] for t in xs}) != 1 or \
+                k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1] or rows != {ctx.batch} or \
+                any(not p and t.shape[0] not in (1, ctx.batch) for t, p in zip(xs, per_sample)):
+            # a parameter leaf (a learned query) may have batch size 1 and broadcast
             raise UnsupportedOp(f"{self.name}: scaled_dot_product_attention of q, k, v of shapes {tuple(q.shape)}, "
                                 f"{tuple(k.shape)}, {tuple(v.shape)}; dbprop needs (B, [H,] L, E), (B, [H,] S, E), "
                                 "(B, [H,] S, Ev) with equal batch and head dimensions" +
@@ -1561,7 +1565,7 @@ class Attention(Op):
             S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + mask
         P = torch.softmax(S, -1)
         P = torch.where(S.amax(-1, keepdim=True) == -math.inf, torch.zeros((), dtype=P.dtype, device=P.device), P)
-        return y, (q, k, v, P, y, s, ctx.input_per_sample(xs), ctx.batch)
+        return y, (q, k, v, P, y, s, per_sample, ctx.batch)
 
     @staticmethod
     def _copies(t: Optional[Tensor], batch: int) -> Optional[Tensor]:

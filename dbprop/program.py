@@ -312,6 +312,18 @@ def _sdpa_arguments(node: fx.Node) -> Optional[Dict[str, Any]]:
     return {**defaults, **bound}
 
 
+def _math_attention(call: TracedCall) -> Callable[[Any, Any], Any]:
+    """An opaque attention call (its mask depends on ``x``) on torch's math backend: local autograd runs it
+    reverse-over-reverse, and the fused kernels (flash, memory-efficient, the CPU flash kernel) have no double
+    backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(tensors, values):
+        with sdpa_kernel(SDPBackend.MATH):
+            return call(tensors, values)
+    return run
+
+
 def _attr(root: nn.Module, target: str):
     obj: Any = root
     for part in target.split("."):
@@ -433,7 +445,8 @@ class _Lowering:
                 raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
             return make(str(node.target), m)
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-            return self._attention(node, inputs, name) or self._opaque(node, inputs)
+            return self._attention(node, inputs, name) or \
+                N.Opaque(name, _math_attention(self._call(node, inputs)))
         routed = self._route(node, inputs, name)
         if routed is not None:
             return routed

@@ -151,3 +151,222 @@ def test_gradient_penalty(case, backend):
     model = _model(classes=1, **MODELS[case])
     x = torch.randn(3, MODELS[case]["seq"], 3, dtype=torch.float64)
     _check(model, x, lambda m, x: Fn.gradient_penalty(m, x, 1.0, backend=backend, strict=True), P.GradientNorm(1.0))
+
+
+# ---- the operators themselves: (4.22)-(4.26) against autograd, k class copies stacked along the batch
+def _operator_errors(shapes, mask=None, causal=False, scale=None, zero=(), k=2):
+    torch.manual_seed(1)
+    Q, K, V = (torch.randn(s, dtype=torch.float64) for s in shapes)
+    B = Q.shape[0]
+
+    def fn(q, kk, v):
+        return F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+    op = nodes.Attention("attention", lambda xs, values: fn(*xs), lambda values: (mask, 0.0, causal, scale, False))
+    y, saved = op.run([Q, K, V], nodes.RunContext(nodes.PythonKernels(), False, False, B))
+    tangents = [None if i in zero else torch.randn(k * B, *t.shape[1:], dtype=torch.float64)
+                for i, t in enumerate((Q, K, V))]
+    xi = torch.randn(k * B, *y.shape[1:], dtype=torch.float64)
+    got = [op.tangent(tangents, saved, None), *op.cotangent(xi, saved, None), *op.source(xi, tangents, saved, None)]
+    with sdpa_kernel(SDPBackend.MATH):
+        ins = [t.clone().requires_grad_(True) for t in (Q, K, V)]
+        out = fn(*ins)
+        assert torch.equal(out, y)
+        tan, cot, src = [], [], [torch.zeros_like(t) for t in ins]
+        for c in range(k):
+            rows = slice(c * B, (c + 1) * B)
+            xc = xi[rows].clone().requires_grad_(True)
+            u = torch.autograd.grad(out, ins, xc, create_graph=True)       # Aᵀ ξ at (Q, K, V)
+            cot.append(u)
+            bilinear = sum((a * t[rows]).sum() for a, t in zip(u, tangents) if t is not None)
+            g = torch.autograd.grad(bilinear, [xc, *ins], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+            tan.append(g[0])                                                 # A q
+            src = [s + d for s, d in zip(src, g[1:])]                       # ∂_y ⟨ξ, A(y) q⟩
+    want = [torch.cat(tan), *(torch.cat([u[i] for u in cot]) for i in range(3)), *src]
+    errors = []
+    for a, b in zip(got, want):
+        if a is None:
+            assert b.abs().max() == 0
+            continue
+        errors.append(((a - b).abs().max() / b.abs().max()).item())
+    return max(errors)
+
+
+MASK = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
+MASK[3] = False  # a fully masked row: torch's math backend gives 0 there, and so do the operators
+
+
+@pytest.mark.parametrize("case", [
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)]),
+    dict(shapes=[(2, 5, 4), (2, 7, 4), (2, 7, 3)], scale=0.7),                         # no head dimension
+    dict(shapes=[(3, 2, 5, 4), (3, 2, 5, 4), (3, 2, 5, 3)], causal=True),
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)], mask=MASK),
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)],
+         mask=torch.randn(2, 1, 5, 7, dtype=torch.float64)),                            # additive, per sample
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)], zero=(0,)),
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)], zero=(2,)),
+    dict(shapes=[(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)], zero=(0, 1), k=3),
+], ids=["heads", "no-heads", "causal", "bool-mask-full-row", "additive", "no-q", "no-v", "v-only"])
+def test_operators_match_autograd(case):
+    assert _operator_errors(**case) < 1e-13
+
+
+# ---- more models: a fully masked row, a learned query, grouped-query attention with equal heads, opaque masks
+class MaskedRows(nn.Module):
+    """A boolean mask (a buffer of the root) with a fully masked query row, no head dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 2)
+        allowed = torch.rand(5, 5, generator=torch.Generator().manual_seed(2)) > 0.3
+        allowed[1] = False
+        self.register_buffer("allowed", allowed)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        y = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(x), attn_mask=self.allowed)
+        return self.head(F.gelu(y).flatten(1))
+
+
+class LearnedQuery(nn.Module):
+    """Attention pooling: a learned query per head, a parameter of batch size 1 (broadcast) or expanded to the
+    batch (a parameter function), keys and values from the tokens, ``enable_gqa`` with equal head counts."""
+
+    def __init__(self, expand):
+        super().__init__()
+        self.expand = expand
+        self.query = nn.Parameter(torch.randn(1, 2, 1, 3))
+        self.kv = nn.Linear(4, 12)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        k, v = self.kv(x).reshape(B, N, 2, 2, 3).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.query.expand(B, -1, -1, -1) if self.expand else self.query
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.head(y.flatten(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,shape", [(MaskedRows, (5, 3)), (lambda: LearnedQuery(False), (5, 4)),
+                                        (lambda: LearnedQuery(True), (7, 4))],
+                         ids=["fully-masked-row", "learned-query", "learned-query-expanded"])
+def test_more_models(make, shape, backend):
+    torch.manual_seed(4)
+    model = make().double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    assert dbprop.compile_model(model).opaque_nodes == []
+    _check(model, x, lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend=backend, strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
+class InputMask(nn.Module):
+    """An additive mask computed from ``x``: the call stays an opaque node (local autograd, on the math
+    backend), exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.m = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x):
+        mask = torch.tanh(self.m(x)).unsqueeze(1)
+        h = F.scaled_dot_product_attention(self.q(x).unsqueeze(1), self.k(x).unsqueeze(1), self.v(x).unsqueeze(1),
+                                           attn_mask=mask)
+        return self.head(h.flatten(1))
+
+
+def test_mask_depending_on_x_stays_opaque():
+    torch.manual_seed(6)
+    model = InputMask().double()
+    program = dbprop.compile_model(model)
+    assert [program.ops[n].kind for n in program.opaque_nodes] == ["opaque"]
+    assert not any(isinstance(op, nodes.Attention) for op in program.ops)
+    _check(model, torch.randn(3, 5, 4, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend="python", strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
+# ---- timm's Attention (written inline, timm is not imported) and what is refused
+class TimmAttention(nn.Module):
+    """timm.models.vision_transformer.Attention (fused_attn path) as timm writes it."""
+
+    def __init__(self, dim, num_heads=2, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, attn_drop=0.0):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(3, 8), nn.LayerNorm(8)
+        self.attn = TimmAttention(8, 2, qkv_bias=True, attn_drop=attn_drop)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(self.norm(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-p0"])
+def test_timm_attention_runs_natively(train, backend):
+    torch.manual_seed(8)
+    model = TimmBlock(attn_drop=0.0 if train else 0.25).double().train(train)
+    program = dbprop.compile_model(model)
+    assert program.opaque_nodes == [] and sum(op.kind == "attention" for op in program.ops) == 1
+    _check(model, torch.randn(3, 7, 3, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend=backend, strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
+def test_attention_dropout_in_train_mode_is_refused():
+    model = TimmBlock(attn_drop=0.25).double().train()
+    x = torch.randn(3, 7, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedModelError, match=r"dropout_p=0\.25.*dbprop needs dropout_p=0"):
+        dbprop.compile_model(model)
+    with pytest.raises(UnsupportedModelError, match="dropout_p"):
+        Fn.jacobian_penalty(model, x, strict=True)
+    with pytest.warns(dbprop.FallbackWarning, match="dropout_p"):  # not strict: autograd instead, with a warning
+        Fn.jacobian_penalty(model, x)
+
+
+class GroupedQuery(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(4, 8), nn.Linear(4, 4)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).reshape(B, N, 4, 2).transpose(1, 2)
+        k = self.kv(x).reshape(B, N, 2, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+        return self.head(y.flatten(1))
+
+
+def test_grouped_query_attention_is_refused():
+    model = GroupedQuery().double()
+    with pytest.raises(UnsupportedModelError, match="grouped-query"):
+        Fn.jacobian_penalty(model, torch.randn(3, 5, 4, dtype=torch.float64), strict=True)
