@@ -212,6 +212,27 @@ def test_operators_match_autograd(case):
     assert _operator_errors(**case) < 1e-13
 
 
+def test_row_identities_for_a_tiled_kernel():
+    """docs/maths.md §4.17: δ = rowsum(P ⊙ D) = rowsum(ξ ⊙ O), ṖV = (P ⊙ Ṡ)V − σ̇ O, rowsum(P ⊙ g) = rowsum(ξ ⊙ Aq)."""
+    torch.manual_seed(2)
+    Q, K, V = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 7, 4, dtype=torch.float64), \
+        torch.randn(3, 7, 6, dtype=torch.float64)
+    qd, kd, vd, xi = torch.randn_like(Q), torch.randn_like(K), torch.randn_like(V), torch.randn(3, 5, 6).double()
+    s, M = 0.6, torch.randn(5, 7, dtype=torch.float64)
+    M[:, 2] = -math.inf
+    P = torch.softmax(s * Q @ K.mT + M, -1)
+    O = P @ V
+    Sd = s * (qd @ K.mT + Q @ kd.mT)
+    sd = (P * Sd).sum(-1, keepdim=True)
+    Od = (P * (Sd - sd)) @ V + P @ vd                                   # (4.22)
+    D = xi @ V.mT
+    delta = (xi * O).sum(-1, keepdim=True)
+    g = (D - delta) * (Sd - sd) + xi @ vd.mT                             # (4.25)
+    torch.testing.assert_close((P * D).sum(-1, keepdim=True), delta, rtol=0, atol=1e-14)
+    torch.testing.assert_close((P * Sd) @ V - sd * O + P @ vd, Od, rtol=0, atol=1e-14)
+    torch.testing.assert_close((P * g).sum(-1), (xi * Od).sum(-1), rtol=0, atol=1e-14)
+
+
 # ---- more models: a fully masked row, a learned query, grouped-query attention with equal heads, opaque masks
 class MaskedRows(nn.Module):
     """A boolean mask (a buffer of the root) with a fully masked query row, no head dimension."""
