@@ -626,6 +626,11 @@ class _Lowering:
         :class:`~dbprop.nodes.Attention` node (docs/maths.md §4.17). A mask that depends on ``x`` or on a parameter
         stays opaque (exact); dropout is refused."""
         bound = _sdpa_arguments(node)
+        p = None if bound is None else bound["dropout_p"]
+        if p is not None and not isinstance(p, fx.Node) and p != 0:  # opaque or not: its mask is not in the program
+            raise UnsupportedModelError(
+                f"{name}: scaled_dot_product_attention with dropout_p={p} (attention dropout in training mode); "
+                "dbprop needs dropout_p=0: put the model in eval mode, or set the attention dropout to 0")
         if bound is None or not all(isinstance(bound[k], fx.Node) and bound[k] in inputs
                                     for k in N.SDPA_PARAMETERS[:3]):
             return None
@@ -634,11 +639,6 @@ class _Lowering:
         fx.node.map_arg(tuple(rest.values()), used.append)
         if any(a in inputs for a in used):
             return None
-        p = rest["dropout_p"]
-        if not isinstance(p, fx.Node) and p != 0:
-            raise UnsupportedModelError(
-                f"{name}: scaled_dot_product_attention with dropout_p={p} (attention dropout in training mode); "
-                "dbprop needs dropout_p=0: put the model in eval mode, or set the attention dropout to 0")
 
         def options(values, rest=rest):
             got = fx.node.map_arg(tuple(rest.values()), lambda n: values[n])

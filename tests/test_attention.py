@@ -373,6 +373,19 @@ def test_attention_dropout_in_train_mode_is_refused():
         Fn.jacobian_penalty(model, x)
 
 
+class InputMaskDropout(InputMask):
+    def forward(self, x):
+        mask = torch.tanh(self.m(x)).unsqueeze(1)
+        h = F.scaled_dot_product_attention(self.q(x).unsqueeze(1), self.k(x).unsqueeze(1), self.v(x).unsqueeze(1),
+                                           attn_mask=mask, dropout_p=0.1)
+        return self.head(h.flatten(1))
+
+
+def test_attention_dropout_is_refused_also_where_the_call_would_be_opaque():
+    with pytest.raises(UnsupportedModelError, match=r"dropout_p=0\.1"):
+        dbprop.compile_model(InputMaskDropout())
+
+
 class GroupedQuery(nn.Module):
     def __init__(self):
         super().__init__()
