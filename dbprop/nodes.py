@@ -1089,10 +1089,15 @@ def qs_zero(rows: int, shape, like: List[Optional[Tensor]]) -> Tensor:
 
 
 # ------------------------------------------------------------ routing: permutations, selections, drop paths
-def split_item(x: Tensor, item: int, how: str, *args: Any, **kwargs: Any) -> Tensor:
+def split_item(x: Tensor, item: int, how: str, *args: Any, permute: Optional[Sequence[int]] = None,
+               **kwargs: Any) -> Tensor:
     """``getattr(x, how)(*args, **kwargs)[item]``: one tensor of a ``chunk`` / ``split`` / ``unbind`` /
     ``tensor_split`` result. The front-end rewrites ``x.chunk(2, 1)[i]`` into this call, so that each item is a
-    node with one tensor value (a :class:`Route`)."""
+    node with one tensor value (a :class:`Route`). With ``permute``, ``x`` is permuted first: the attention
+    heads' ``qkv.permute(2, 0, 3, 1, 4).unbind(0)`` moves the batch away from dimension 0 and back, which is a
+    route of each sample's entries only as one call."""
+    if permute is not None:
+        x = x.permute(*permute)
     return getattr(x, how)(*args, **kwargs)[item]
 
 
@@ -1497,3 +1502,146 @@ class ConstantAffine(Unary):
     def transpose(self, c_out, saved, K):
         c = saved[0]
         return reduce_to(self._apply(c_out, c), saved[1], True)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+#: ``F.scaled_dot_product_attention``'s parameters, in order (its signature is not introspectable)
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _t(a: Tensor) -> Tensor:
+    return a.transpose(-1, -2)
+
+
+def _rowsum(a: Tensor) -> Tensor:
+    return a.sum(-1, keepdim=True)
+
+
+class Attention(Op):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, 0, is_causal, scale)`` of three nodes
+    (docs/maths.md §4.17): per sample and head ``S = s·QKᵀ + M``, ``P = softmax_rows(S)``, ``O = PV``, with
+    ``q``, ``k``, ``v`` of shapes ``(B, H, L, E)``, ``(B, H, S, E)``, ``(B, H, S, Ev)`` (or without the head
+    dimension; any leading dimensions after the batch). The mask ``M`` is a constant of the program (a buffer,
+    a tensor built from sizes): boolean (``−∞`` where False) or additive; a row masked everywhere gives 0, as
+    torch's math backend does. The operators are (4.22)–(4.26); there is no θ, and the sources
+    ``∂_{Q,K,V}⟨ξ, A q⟩`` are not zero. This is the readable reference: it stores ``P`` (``B·H·L·S`` entries);
+    the forward value is the traced call itself, bit for bit. ``options(values)`` gives the call's
+    ``(attn_mask, dropout_p, is_causal, scale, enable_gqa)`` from the pass's traced values. ``saved`` is
+    ``(Q, K, V, P, O, s, per-sample flags, batch)``."""
+
+    kind = "attention"
+    has_source = True
+    functions: Dict[Callable, type] = {}  # lowered by dbprop/program.py (_Lowering._attention): three node inputs
+
+    def __init__(self, name: str, call: Callable[[Sequence[Tensor], Mapping], Tensor],
+                 options: Callable[[Mapping], Tuple[Any, Any, Any, Any, Any]]) -> None:
+        super().__init__(name)
+        self.call, self.options = call, options
+
+    def run(self, xs, ctx):
+        q, k, v = xs
+        mask, dropout_p, is_causal, scale, gqa = self.options(ctx.values)
+        if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+            raise UnsupportedOp(f"{self.name}: scaled_dot_product_attention with dropout_p={dropout_p}; dbprop needs "
+                                "dropout_p=0 (pass dropout_p=0.0 in eval mode or use an attention without dropout)")
+        per_sample = ctx.input_per_sample(xs)
+        rows = {t.shape[0] for t, p in zip(xs, per_sample) if p}
+        if not (q.dim() == k.dim() == v.dim() >= 3) or len({t.shape[1:-2] for t in xs}) != 1 or \
+                k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1] or rows != {ctx.batch} or \
+                any(not p and t.shape[0] not in (1, ctx.batch) for t, p in zip(xs, per_sample)):
+            # a parameter leaf (a learned query) may have batch size 1 and broadcast
+            raise UnsupportedOp(f"{self.name}: scaled_dot_product_attention of q, k, v of shapes {tuple(q.shape)}, "
+                                f"{tuple(k.shape)}, {tuple(v.shape)}; dbprop needs (B, [H,] L, E), (B, [H,] S, E), "
+                                "(B, [H,] S, Ev) with equal batch and head dimensions" +
+                                (" (grouped-query attention with fewer key/value heads is not supported)"
+                                 if gqa else ""))
+        y = self.call(xs, ctx.values)
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        S = (q @ _t(k)) * s
+        L, Sk = q.shape[-2], k.shape[-2]
+        if is_causal:
+            mask = torch.ones(L, Sk, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:  # only the forward reads it: P keeps its B rows (a per-sample mask is fine)
+            S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + mask
+        P = torch.softmax(S, -1)
+        P = torch.where(S.amax(-1, keepdim=True) == -math.inf, torch.zeros((), dtype=P.dtype, device=P.device), P)
+        return y, (q, k, v, P, y, s, per_sample, ctx.batch)
+
+    @staticmethod
+    def _copies(t: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        return None if t is None else per_copy(t, batch)
+
+    @staticmethod
+    def _score_tangent(qd, kd, Q, K, s) -> Optional[Tensor]:
+        """``Ṡ = s(q̇Kᵀ + Qk̇ᵀ)`` per copy, ``None`` where both tangents are 0."""
+        Sd = None
+        if qd is not None:
+            Sd = qd @ _t(K)
+        if kd is not None:
+            t = Q @ _t(kd)
+            Sd = t if Sd is None else Sd + t
+        return None if Sd is None else Sd * s
+
+    @staticmethod
+    def _out(g: Optional[Tensor], shape, per_sample: bool, batch: int, copies: bool) -> Optional[Tensor]:
+        """A per-copy ``(k, B, ...)`` result as an input's cotangent (``k·B`` rows) or, ``copies=False``, summed
+        over the copies (a source, ``B`` rows); reduced to the input's shape (docs/maths.md §4.14)."""
+        if g is None:
+            return None
+        if per_sample:
+            g = g.expand(g.shape[0], batch, *shape[1:])
+            return g.flatten(0, 1) if copies else g.sum(0)
+        return g.sum(0).sum_to_size(tuple(shape))
+
+    def tangent(self, qs, saved, K):  # (4.22)
+        Q, Kt, V, P, O, s, _, batch = saved
+        qd, kd, vd = (self._copies(t, batch) for t in qs)
+        rows = next(t.shape[0] for t in qs if t is not None)
+        Sd = self._score_tangent(qd, kd, Q, Kt, s)
+        y = None
+        if Sd is not None:
+            y = (P * (Sd - _rowsum(P * Sd))) @ V
+        if vd is not None:
+            t = P @ vd
+            y = t if y is None else y + t
+        return y.expand(rows // batch, batch, *O.shape[1:]).flatten(0, 1)
+
+    def cotangent(self, c, saved, K):  # (4.23)
+        Q, Kt, V, P, O, s, per_sample, batch = saved
+        xi = per_copy(c, batch)
+        G = P * (xi @ _t(V) - _rowsum(xi * O))  # dS = P ⊙ (D − δ), δ = rowsum(ξ ⊙ O)
+        grads = [(G @ Kt) * s, (_t(G) @ Q) * s, _t(P) @ xi]
+        return [self._out(g, t.shape, p, batch, True) for g, t, p in zip(grads, (Q, Kt, V), per_sample)]
+
+    def source(self, xi, qs, saved, K):  # (4.24)–(4.26), summed over class copies
+        Q, Kt, V, P, O, s, per_sample, batch = saved
+        qd, kd, vd = (self._copies(t, batch) for t in qs)
+        xi = per_copy(xi, batch)
+        Dc = xi @ _t(V) - _rowsum(xi * O)        # D − δ
+        G = P * Dc
+        Sd = self._score_tangent(qd, kd, Q, Kt, s)
+        g = sV = None
+        if Sd is not None:
+            Sc = Sd - _rowsum(P * Sd)            # Ṡ − σ̇
+            g = Dc * Sc
+            sV = (_t(P * Sc) @ xi).sum(0)        # ŝ_V = Ṗᵀ ξ
+        if vd is not None:
+            E = xi @ _t(vd)
+            g = E if g is None else g + E
+        sQ = sK = None
+        if g is not None:                        # H enters linearly: summed over the copies first
+            H = (P * (g - _rowsum(P * g))).sum(0)
+            sQ, sK = H @ Kt, _t(H) @ Q
+        if kd is not None:
+            t = (G @ kd).sum(0)
+            sQ = t if sQ is None else sQ + t
+        if qd is not None:
+            t = (_t(G) @ qd).sum(0)
+            sK = t if sK is None else sK + t
+        out = []
+        for g, t, p, scale in zip((sQ, sK, sV), (Q, Kt, V), per_sample, (s, s, 1.0)):
+            if g is not None:
+                g = g * scale if scale != 1.0 else g
+                g = g.expand(batch, *t.shape[1:]) if p else g.sum_to_size(tuple(t.shape))
+            out.append(g)
+        return out

@@ -209,14 +209,35 @@ def _fuse_split_items(graph: fx.Graph) -> None:
                 not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and
                         isinstance(u.args[1], int) for u in node.users):
             continue
+        source, kwargs, permuted = node.args[0], dict(node.kwargs), _permutation(node.args[0])
+        if permuted is not None and len(source.users) == 1:  # qkv.permute(2, 0, 3, 1, 4).unbind(0): one route
+            kwargs["permute"] = permuted
+            permute_node, source = source, source.args[0]
+        else:
+            permute_node = None
         for user in list(node.users):
             with graph.inserting_before(user):
                 item = graph.create_node("call_function", N.split_item,
-                                         (node.args[0], user.args[1], how, *node.args[1:]), dict(node.kwargs),
+                                         (source, user.args[1], how, *node.args[1:]), kwargs,
                                          name=f"{node.name}_{user.args[1]}")
             user.replace_all_uses_with(item)
             graph.erase_node(user)
         graph.erase_node(node)
+        if permute_node is not None:
+            graph.erase_node(permute_node)
+
+
+def _permutation(node: Any) -> Optional[Tuple[int, ...]]:
+    """The dimensions of a traced ``x.permute(...)`` / ``torch.permute(x, dims)`` with constant dimensions."""
+    if not isinstance(node, fx.Node) or not (node.op == "call_method" and node.target == "permute" or
+                                             node.op == "call_function" and node.target is torch.permute):
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    dims = tuple(node.kwargs.get("dims", dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims))
+    if not dims or not isinstance(node.args[0], fx.Node) or not all(isinstance(d, int) for d in dims) or \
+            set(node.kwargs) - {"dims"}:
+        return None
+    return dims
 
 
 def _specialise_defaults(model: nn.Module) -> Dict[str, Any]:
@@ -274,6 +295,33 @@ def _normalized(node: fx.Node) -> Optional[Dict[str, Any]]:
     except Exception:  # noqa: BLE001 - unknown signature: treat as opaque
         return None
     return None if r is None else dict(r.kwargs)
+
+
+def _sdpa_arguments(node: fx.Node) -> Optional[Dict[str, Any]]:
+    """The arguments of a traced ``F.scaled_dot_product_attention`` call by name, defaults filled in (``None``:
+    arguments it does not take)."""
+    defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    if len(node.args) > len(N.SDPA_PARAMETERS) or set(node.kwargs) - set(N.SDPA_PARAMETERS):
+        return None
+    bound = dict(zip(N.SDPA_PARAMETERS, node.args))
+    if set(bound) & set(node.kwargs):
+        return None
+    bound.update(node.kwargs)
+    if any(k not in bound for k in N.SDPA_PARAMETERS[:3]):
+        return None
+    return {**defaults, **bound}
+
+
+def _math_attention(call: TracedCall) -> Callable[[Any, Any], Any]:
+    """An opaque attention call (its mask depends on ``x``) on torch's math backend: local autograd runs it
+    reverse-over-reverse, and the fused kernels (flash, memory-efficient, the CPU flash kernel) have no double
+    backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(tensors, values):
+        with sdpa_kernel(SDPBackend.MATH):
+            return call(tensors, values)
+    return run
 
 
 def _attr(root: nn.Module, target: str):
@@ -351,6 +399,8 @@ class _Lowering:
             if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
                 inputs = []
                 fx.node.map_arg(node.args, inputs.append)  # every operand, in order
+            elif isinstance(op, N.Attention):  # (q, k, v), the same node possibly more than once
+                inputs = [_sdpa_arguments(node)[k] for k in N.SDPA_PARAMETERS[:3]]
             index[node] = len(ops)
             steps.append(Step(self._call(node), len(ops)))
             ops.append(op)
@@ -394,6 +444,9 @@ class _Lowering:
                     m.return_indices:
                 raise UnsupportedModelError(f"'{node.target}' returns indices; dbprop needs one tensor per node")
             return make(str(node.target), m)
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            return self._attention(node, inputs, name) or \
+                N.Opaque(name, _math_attention(self._call(node, inputs)))
         routed = self._route(node, inputs, name)
         if routed is not None:
             return routed
@@ -566,6 +619,33 @@ class _Lowering:
             return values[other] if isinstance(other, fx.Node) else other
 
         return N.ConstantAffine(name, call, how, 1.0, factor)
+
+    def _attention(self, node: fx.Node, inputs: List[fx.Node], name: str) -> Optional[N.Op]:
+        """``F.scaled_dot_product_attention(q, k, v, ...)`` with ``q``, ``k``, ``v`` traced nodes and every other
+        argument a constant of the program (the mask a buffer or built from sizes): an
+        :class:`~dbprop.nodes.Attention` node (docs/maths.md §4.17). A mask that depends on ``x`` or on a parameter
+        stays opaque (exact); dropout is refused."""
+        bound = _sdpa_arguments(node)
+        p = None if bound is None else bound["dropout_p"]
+        if p is not None and not isinstance(p, fx.Node) and p != 0:  # opaque or not: its mask is not in the program
+            raise UnsupportedModelError(
+                f"{name}: scaled_dot_product_attention with dropout_p={p} (attention dropout in training mode); "
+                "dbprop needs dropout_p=0: put the model in eval mode, or set the attention dropout to 0")
+        if bound is None or not all(isinstance(bound[k], fx.Node) and bound[k] in inputs
+                                    for k in N.SDPA_PARAMETERS[:3]):
+            return None
+        rest = {k: bound[k] for k in N.SDPA_PARAMETERS[3:]}
+        used: List[fx.Node] = []
+        fx.node.map_arg(tuple(rest.values()), used.append)
+        if any(a in inputs for a in used):
+            return None
+
+        def options(values, rest=rest):
+            got = fx.node.map_arg(tuple(rest.values()), lambda n: values[n])
+            return tuple(got)
+
+        q, k, v = (bound[key] for key in N.SDPA_PARAMETERS[:3])
+        return N.Attention(name, self._call(node, (q, k, v)), options)
 
     def _reshape(self, node, inputs, name):
         if len(inputs) != 1 or node.args[0] is not inputs[0]:

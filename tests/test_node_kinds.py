@@ -5,6 +5,7 @@ backend and device (CUDA: the same cases, skipped without a GPU)."""
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dbprop
 from dbprop import fallback, nodes
@@ -196,6 +197,35 @@ class Normalised(nn.Module):
         return self.fc((1 - h * 0.5).flatten(1))
 
 
+# ---- attention (issue 18, docs/maths.md §4.17)
+class HeadsAttention(nn.Module):
+    """timm-style self-attention on (B, N, D) tokens: qkv Linear, reshape, permute, unbind into 3 heads, causal
+    ``F.scaled_dot_product_attention``, heads merged, a projection, a GELU and a mean over tokens."""
+
+    def __init__(self, d=6, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        h = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return nn.functional.gelu(self.proj(h.transpose(1, 2).reshape(B, N, D))).mean(1)
+
+
+class CrossAttention(nn.Module):
+    """Attention without heads on (B, L, E), keys and values one node (``k = v``), an odd number of keys, a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):                      # (B, 7, 4): queries from the first 3 tokens, keys from all 7
+        kv = torch.tanh(self.kv(x))
+        return nn.functional.scaled_dot_product_attention(self.q(x[:, :3]), kv, kv, scale=0.8).flatten(1)
+
+
 def _seq(*layers):
     return lambda: nn.Sequential(*layers)
 
@@ -261,6 +291,8 @@ CASES = {
                     "layer-scale": (TinyViT, (4, 5))},
     nodes.Difference: {"gating": (Gated, (5,))},
     nodes.ConstantAffine: {"normalise": (Normalised, (3, 4))},
+    nodes.Attention: {"heads-causal": (_seq(HeadsAttention(), nn.Linear(4, 3)), (5, 6)),
+                      "cross-no-heads": (_seq(CrossAttention(), nn.Linear(9, 3)), (7, 4))},
 }
 
 
@@ -329,7 +361,8 @@ def test_case_matches_reverse_over_reverse_autograd(kind, name, backend, device)
     x.requires_grad_(True)
     value = Fn.jacobian_penalty(model, x, output="softmax", backend=backend, strict=True)
     got = grads_of(value, model, x)
-    ref = fallback.autograd_penalty(model, P.JacobianFrobenius("softmax"), x).mean()
+    with sdpa_kernel(SDPBackend.MATH):  # torch's fused attention kernels have no double backward
+        ref = fallback.autograd_penalty(model, P.JacobianFrobenius("softmax"), x).mean()
     want = grads_of(ref, model, x)
     torch.testing.assert_close(value.detach(), ref.detach(), rtol=1e-10, atol=0)
     assert_grads_close(got, want, rtol=1e-9)
