@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .penalties import Penalty
 from .ir import as_output_matrix
@@ -41,7 +42,8 @@ def autograd_penalty(model: nn.Module, head: Penalty, x: Tensor, update_stats: O
     buffers = [] if update_stats else [(b, b.clone()) for b in model.buffers()]
     with torch.enable_grad():
         x_ = x if x.requires_grad else x.detach().requires_grad_(True)
-        o = as_output_matrix(model(x_))
+        with sdpa_kernel(SDPBackend.MATH):  # torch's fused attention kernels have no double backward
+            o = as_output_matrix(model(x_))
         for b, v in buffers:  # untracked by autograd (train-mode BN saves but never reads them in backward)
             if not torch.equal(b, v):
                 b.data.copy_(v)

@@ -404,3 +404,16 @@ def test_grouped_query_attention_is_refused():
     model = GroupedQuery().double()
     with pytest.raises(UnsupportedModelError, match="grouped-query"):
         Fn.jacobian_penalty(model, torch.randn(3, 5, 4, dtype=torch.float64), strict=True)
+
+
+def test_the_autograd_fallback_runs_attention_on_the_math_backend():
+    """A refused model with causal attention falls back to autograd, which must not pick torch's fused CPU
+    kernel (it has no double backward): the fallback runs the model on the math backend."""
+    model = _model(**MODELS["causal"])
+    model.norm1.register_forward_hook(lambda m, i, o: o)  # hooks are refused: the penalty falls back
+    x = torch.randn(3, 7, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(dbprop.FallbackWarning, match="hook"):
+        value = Fn.jacobian_penalty(model, x, output="softmax")
+    ref = _reference(model, P.JacobianFrobenius("softmax"), x)
+    torch.testing.assert_close(value.detach(), ref.detach(), rtol=1e-12, atol=0)
+    assert_grads_close(grads_of(value, model, x), grads_of(ref, model, x), rtol=1e-9)
