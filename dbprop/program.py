@@ -2,9 +2,10 @@
 
 Why ``torch.fx`` symbolic tracing: it records exactly the calls ``forward`` makes (subclass ``forward``s,
 module reuse, residual sums, ``torch.cat``, ``view``s), names every node by its module path, and fails
-loudly on data-dependent control flow. What it cannot see (hooks, global hooks) is refused here; weight
-parametrizations are read once per call (dbprop/parametrized.py); every program checks itself once against
-``model(x)`` on the first input it runs.
+loudly on data-dependent control flow (in a submodule: that module is kept whole, one opaque node, see
+:class:`_Tracer`). What it cannot see (hooks, global hooks) is refused here; weight parametrizations are read
+once per call (dbprop/parametrized.py); every program checks itself once against ``model(x)`` on the first
+input it runs.
 
 Layout: the kind table and the refusals, the tracer, the lowering to the immutable IR (:mod:`dbprop.ir`),
 :class:`Program` (the IR with the self-check and the per-program caches), ``compile_model`` and the cache.
@@ -155,21 +156,101 @@ def _own_norm_forward(m: nn.Module) -> bool:
     return not defining.__module__.startswith("torch.")
 
 
+class _KeepWhole(Exception):
+    """Raised while tracing: the module ``qualname`` cannot be traced into (``reason``); retrace it as a leaf."""
+
+    def __init__(self, qualname: str, reason: str) -> None:
+        super().__init__(f"'{qualname}': {reason}")
+        self.qualname, self.reason = qualname, reason
+
+
+def _owns_tensors(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+
+
+def _torch_forward(m: nn.Module) -> bool:
+    """Whether ``m.forward`` is torch's own code (``nn.Conv2d``, or a user subclass that does not override it)."""
+    defining = next((c for c in type(m).__mro__ if "forward" in c.__dict__), nn.Module)
+    return defining.__module__.startswith("torch.")
+
+
+#: what every nn.Module keeps in its ``__dict__`` (parameters, buffers, children, hooks): not Python state
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
 class _Tracer(fx.Tracer):
-    """Modules of a known kind are leaves (nodes); so are modules that own parameters or buffers directly and
-    torch.nn modules (opaque nodes). User containers are traced through, so their own ``forward`` counts."""
+    """Which modules are traced into and which are leaves (one node each):
+
+    * a module of a known kind is a leaf (a native node);
+    * a module whose ``forward`` is written outside torch (a user's, torchvision's, timm's block) is traced into,
+      also when it owns parameters or buffers directly: the parameters it reads become parameter leaves, its
+      buffers and tensor attributes constants read live (docs/maths.md §4.14). User containers are traced
+      through too, so their own ``forward`` counts as written, and so are norm subclasses with their own
+      ``forward`` (``_own_norm_forward``);
+    * a module running torch's own ``forward`` (a ``torch.nn`` module of no known kind, or a user subclass that does
+      not override ``forward`` and owns parameters or buffers) is a leaf: an opaque node (exact, local autograd);
+    * a module in ``keep_whole`` is a leaf (an opaque node). :func:`_trace` puts a module there when tracing
+      into it fails (data-dependent control flow, any other exception), when its ``forward`` changes the module's
+      Python attributes (state that a traced program would not update), and, for a module that owns parameters
+      or buffers, when the lowering refuses one of its calls (such a module was always kept whole before).
+
+    While tracing it records the modules traced into (``traced``; ``newly_traced``: those owning parameters or
+    buffers, which an older rule kept whole and which :meth:`Program.verify` keeps whole if the traced program
+    fails its self-check) and stamps every node with the traced-into modules it was created in
+    (``node.meta["dbprop_modules"]``, innermost last)."""
+
+    def __init__(self, keep_whole: Dict[str, str]) -> None:
+        super().__init__()
+        self.keep_whole = keep_whole
+        self.traced: Dict[str, nn.Module] = {}
+        self.newly_traced: set = set()
+        self._stack: List[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if module_kind(m) is not None:
+        if module_kind(m) is not None or qualname in self.keep_whole:
             return True
         if _own_norm_forward(m):
             return False
         if isinstance(m, _CONTAINERS) and type(m).forward is type(m).__mro__[
                 next(i for i, c in enumerate(type(m).__mro__) if c in _CONTAINERS)].forward:
             return False
-        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-            return True
-        return type(m).__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
+        if _torch_forward(m):
+            return _owns_tensors(m) or (type(m).__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS))
+        return False
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        self.traced.setdefault(qualname, m)
+        if _owns_tensors(m) and not _own_norm_forward(m):
+            self.newly_traced.add(qualname)
+        before = dict(vars(m))
+
+        def traced_forward(*a: Any, **k: Any) -> Any:
+            self._stack.append(qualname)
+            try:
+                out = forward(*a, **k)
+            except _KeepWhole:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure inside this forward: keep the module whole
+                raise _KeepWhole(qualname, f"torch.fx cannot trace its forward ({type(e).__name__}: {e})") from e
+            finally:
+                self._stack.pop()
+            now = vars(m)
+            changed = sorted(k for k in now.keys() | before.keys() if k not in _MODULE_INTERNALS and
+                             (k not in now or k not in before or now[k] is not before[k]))
+            if changed:
+                raise _KeepWhole(qualname, f"its forward changes its attributes ({', '.join(changed)}): Python state "
+                                           "a traced program would not update")
+            return out
+
+        return super().call_module(m, traced_forward, args, kwargs)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["dbprop_modules"] = tuple(self._stack)
+        return node
 
 
 # ------------------------------------------------------------------------------------- graph -> nodes
@@ -220,6 +301,7 @@ def _fuse_split_items(graph: fx.Graph) -> None:
                 item = graph.create_node("call_function", N.split_item,
                                          (source, user.args[1], how, *node.args[1:]), kwargs,
                                          name=f"{node.name}_{user.args[1]}")
+                item.meta.update(user.meta)  # where it was traced (dbprop_modules)
             user.replace_all_uses_with(item)
             graph.erase_node(user)
         graph.erase_node(node)
@@ -352,59 +434,66 @@ class _Lowering:
         args: List[List[int]] = []
         steps: List[Step] = []
         output = None
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                out = node.args[0]
-                if not isinstance(out, fx.Node) or out not in index:
-                    raise UnsupportedModelError("the model must return one tensor (batch, ...); it returns "
-                                                f"{type(out).__name__}")
-                output = index[out]
-                if output == INPUT:
-                    raise UnsupportedModelError("the model returns its input unchanged")
-                continue
-            if node.op == "get_attr":
-                if isinstance(_attr(self.model, node.target), nn.Parameter):
-                    leaves[node] = _attr(self.model, node.target)  # a parameter leaf once a call reads it
-                steps.append(Step(self._call(node)))
-                continue
-            found: List[fx.Node] = []
-            fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in index or a in leaves else None)
-            meta = not found or _is_meta_method(node) or \
-                (node.op == "call_function" and node.target is builtins.getattr and node.args[1] in _META_ATTRIBUTES)
-            if meta:
-                steps.append(Step(self._call(node)))
-                continue
-            folded = self._functional_linear(node, dependent, leaves) or self._functional_norm(node, dependent)
-            if folded is not None:
-                op, inputs = folded[0], [folded[1]]
-            else:
-                for a in dict.fromkeys(found):  # parameters read here become leaves (docs/maths.md §4.14)
-                    if a not in index:
-                        index[a] = len(ops)
-                        steps.append(Step(self._call(a), len(ops)))
-                        ops.append(N.ParameterLeaf(str(a.target), leaves[a]))
-                        args.append([])
-                inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
-                if not any(a in dependent for a in inputs):
-                    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-                        raise UnsupportedModelError(f"the in-place call {self._name(node)} on a parameter cannot be "
-                                                    "represented; write it out of place")
-                    op = N.ParameterFunction(self._name(node), self._call(node, inputs))
+        node = placeholder
+        try:
+            for node in graph.nodes:
+                if node.op == "placeholder":
+                    continue
+                if node.op == "output":
+                    out = node.args[0]
+                    if not isinstance(out, fx.Node) or out not in index:
+                        raise UnsupportedModelError("the model must return one tensor (batch, ...); it returns "
+                                                    f"{type(out).__name__}")
+                    output = index[out]
+                    if output == INPUT:
+                        raise UnsupportedModelError("the model returns its input unchanged")
+                    continue
+                if node.op == "get_attr":
+                    if isinstance(_attr(self.model, node.target), nn.Parameter):
+                        leaves[node] = _attr(self.model, node.target)  # a parameter leaf once a call reads it
+                    steps.append(Step(self._call(node)))
+                    continue
+                found: List[fx.Node] = []
+                fx.node.map_arg((node.args, node.kwargs),
+                                lambda a: found.append(a) if a in index or a in leaves else None)
+                meta = not found or _is_meta_method(node) or (node.op == "call_function" and
+                                                              node.target is builtins.getattr and
+                                                              node.args[1] in _META_ATTRIBUTES)
+                if meta:
+                    steps.append(Step(self._call(node)))
+                    continue
+                folded = self._functional_linear(node, dependent, leaves) or self._functional_norm(node, dependent)
+                if folded is not None:
+                    op, inputs = folded[0], [folded[1]]
                 else:
-                    op = self._make_op(node, inputs)
-            if any(a in dependent for a in inputs):
-                dependent.add(node)
-            if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
-                inputs = []
-                fx.node.map_arg(node.args, inputs.append)  # every operand, in order
-            elif isinstance(op, N.Attention):  # (q, k, v), the same node possibly more than once
-                inputs = [_sdpa_arguments(node)[k] for k in N.SDPA_PARAMETERS[:3]]
-            index[node] = len(ops)
-            steps.append(Step(self._call(node), len(ops)))
-            ops.append(op)
-            args.append([index[a] for a in inputs])
+                    for a in dict.fromkeys(found):  # parameters read here become leaves (docs/maths.md §4.14)
+                        if a not in index:
+                            index[a] = len(ops)
+                            steps.append(Step(self._call(a), len(ops)))
+                            ops.append(N.ParameterLeaf(str(a.target), leaves[a]))
+                            args.append([])
+                    inputs = list(dict.fromkeys(found))  # each producer once, in order of appearance
+                    if not any(a in dependent for a in inputs):
+                        if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+                            raise UnsupportedModelError(f"the in-place call {self._name(node)} on a parameter cannot "
+                                                        "be represented; write it out of place")
+                        op = N.ParameterFunction(self._name(node), self._call(node, inputs))
+                    else:
+                        op = self._make_op(node, inputs)
+                if any(a in dependent for a in inputs):
+                    dependent.add(node)
+                if isinstance(op, (N.Add, N.Cat, N.Product, N.Difference)):
+                    inputs = []
+                    fx.node.map_arg(node.args, inputs.append)  # every operand, in order
+                elif isinstance(op, N.Attention):  # (q, k, v), the same node possibly more than once
+                    inputs = [_sdpa_arguments(node)[k] for k in N.SDPA_PARAMETERS[:3]]
+                index[node] = len(ops)
+                steps.append(Step(self._call(node), len(ops)))
+                ops.append(op)
+                args.append([index[a] for a in inputs])
+        except UnsupportedModelError as e:
+            e.node = node  # where it was refused: compile_model may keep the module of this call whole instead
+            raise
         ir = IR(type(self.model).__name__, placeholder, steps, ops, args, output)
         if not ir.depends_on_input[ir.output]:
             raise UnsupportedModelError("the model output does not depend on its input")
@@ -691,13 +780,27 @@ class Program:
     below read it) and what belongs to the program rather than to one call: the self-check's verdict, the
     chunk-size tuner and the native chain program. No state of a call lives here: the passes keep theirs."""
 
-    def __init__(self, model: nn.Module, ir: IR) -> None:
+    def __init__(self, model: nn.Module, ir: IR, traced: Optional["_Traced"] = None,
+                 legacy: Optional[Callable[[], "_Traced"]] = None) -> None:
         self.model = model
         self.ir = ir
         self.verified = False
         self.chunk_tuner = ChunkTuner()                        # chunk_size=None: sizes chosen by speed
         self.refusal: Optional[UnsupportedModelError] = None  # set when the self-check failed
         self._native = None
+        self._traced = traced
+        self._legacy = legacy  # the program as modules owning parameters were compiled before (whole), if different
+
+    @property
+    def kept_whole(self) -> Dict[str, str]:
+        """The modules kept whole as one opaque node although their ``forward`` is written outside torch (qualified
+        name -> why: torch.fx cannot trace it, it changes Python state, dbprop refuses a call in it)."""
+        return {} if self._traced is None else dict(self._traced.keep_whole)
+
+    def state_changed(self) -> bool:
+        """Whether a Python attribute of a module traced into changed since tracing (its value is baked into the
+        traced calls: ``cached_program`` then recompiles)."""
+        return self._traced is not None and self._traced.state_changed()
 
     # ---- the IR (see dbprop.ir.IR)
     ops = property(lambda self: self.ir.ops)
@@ -733,10 +836,14 @@ class Program:
         return out
 
     def explain(self) -> str:
-        """One line per node: index, kind, where it came from, its inputs and whether it runs natively."""
-        return self.ir.explain()
+        """One line per node: index, kind, where it came from, its inputs and whether it runs natively; then the
+        modules kept whole and why."""
+        kept = [f"  kept whole: '{name}' ({type(self.model.get_submodule(name)).__name__}): {why}"
+                for name, why in self.kept_whole.items()]
+        return "\n".join([self.ir.explain(), *kept])
 
-    __repr__ = explain
+    def __repr__(self) -> str:
+        return self.explain()
 
     # ---- per program
     def native(self):
@@ -787,18 +894,31 @@ class Program:
         """Once per program: the traced program must reproduce ``model(x)`` (outputs equal to float tolerance).
         Runs with dropout off, the RNG forked and the model's buffers untouched (BatchNorm statistics), within
         the call's ``parametrized.pinned`` values; ``buffers``: copies of the buffers taken before those were
-        read (the reference's own read of a parametrization then moves the same state the same way)."""
+        read (the reference's own read of a parametrization then moves the same state the same way). If it does
+        not (or fails to run) and modules owning parameters or buffers were traced into, the program is compiled
+        again with those modules whole (opaque nodes, as before they were traced into) and checked again."""
         if self.verified:
             return
         if self.refusal is not None:
             raise self.refusal
+        try:
+            self._verify(x, buffers)
+        except Exception:  # noqa: BLE001 - a refusal or a failure of the traced program: try the other one
+            legacy, self._legacy = self._legacy, None
+            if legacy is None:
+                raise
+            traced = legacy()
+            self.ir, self._traced, self._native, self.refusal = traced.ir, traced, None, None
+            self._verify(x, buffers)
+
+    def _verify(self, x: Tensor, buffers: Optional[Dict[str, Tensor]]) -> None:
         dropouts = [m for m in self.model.modules() if m.training and (
             isinstance(m, nn.modules.dropout._DropoutNd) or N.DropPath.covers(m))]
         # model(x) on CLONES of the buffers: the real ones are not touched at all (not even restored: an
         # in-place restore would bump their version counters and break a graph that saved them, e.g. the
         # running statistics of an eval-mode BatchNorm in the task loss computed just before)
-        if buffers is None:
-            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()} if buffers is None else \
+            {name: b.clone() for name, b in buffers.items()}  # a second check needs them unmoved again
         try:
             for m in dropouts:
                 m.training = False
@@ -829,42 +949,139 @@ def compile_model(model: nn.Module) -> Program:
     """Trace ``model`` (any ``nn.Module`` called as ``model(x)``) into a DAG program.
 
     Modules of the supported kinds (see the README's table) run natively; any other module or traced call runs
-    as an exact opaque node (local autograd). Wrappers (DistributedDataParallel, DataParallel, torch.compile)
-    are unwrapped. The program reads the model's live parameters and checks itself against ``model(x)`` on the
-    first input it runs.
+    as an exact opaque node (local autograd). Modules whose ``forward`` is written outside torch are traced into
+    (also when they own parameters: those become parameter leaves), except where that fails: such a module is kept
+    whole as one opaque node (:class:`_Tracer`, ``Program.kept_whole``). Wrappers (DistributedDataParallel,
+    DataParallel, torch.compile) are unwrapped. The program reads the model's live parameters and checks itself
+    against ``model(x)`` on the first input it runs.
 
     Raises:
         UnsupportedModelError: hooks, parametrized tensors read other than as the weight or bias of a Conv or
-            Linear node, models that torch.fx cannot trace (with its reason),
-            several inputs (``forward`` parameters after the first are traced with their defaults; one
-            without a default is refused) or outputs, in-place calls on traced tensors.
+            Linear node, models whose own ``forward`` torch.fx cannot trace (with its reason), several inputs
+            (``forward`` parameters after the first are traced with their defaults; one without a default is
+            refused) or outputs, in-place calls on traced tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
     _refuse_invisible(model)
-    # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1), a
-    # spectral_norm power-iteration step): restore any buffer the trace changed, so that compiling leaves the
-    # model as it was. Inside parametrize.cached(), every read of a parametrized tensor gives one tensor.
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    concrete = _specialise_defaults(model)
+    traced = _compile(model, {})
+    legacy = None
+    if traced.newly_traced:
+        keep = {**traced.keep_whole, **{name: "kept whole after the traced program failed its self-check"
+                                        for name in traced.newly_traced}}
+        legacy = functools.partial(_compile, model, keep)
+    return Program(model, traced.ir, traced, legacy)
+
+
+def _compile(model: nn.Module, keep_whole: Dict[str, str]) -> "_Traced":
+    """:func:`_trace` inside ``parametrize.cached()`` (every read of a parametrized tensor gives one tensor), the
+    model's buffers restored afterwards (the lowering reads parametrized weights: a spectral_norm power-iteration
+    step), so that compiling leaves the model as it was."""
+    buffers = [(b, b.clone()) for b in model.buffers()] if parametrized.targets(model) else []
     try:
         with parametrize.cached():
-            try:
-                graph = _Tracer().trace(model, concrete_args=concrete or None)
-                _drop_specialised(graph)
-                _fuse_split_items(graph)
-            except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
-                raise UnsupportedModelError(
-                    f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from None
-            ir = _Lowering(model)(graph)
-            _refuse_parametrized(model, graph, ir)
+            return _trace(model, keep_whole)
     finally:
         with torch.no_grad():
             for b, before in buffers:
                 if not torch.equal(b, before):
                     b.copy_(before)
-    return Program(model, ir)
+
+
+class _Traced:
+    """The outcome of :func:`_trace`: the IR, the modules kept whole (qualified name -> why), those traced into that
+    own parameters or buffers (``newly_traced``) and the Python state of every module traced into (root included)
+    that the traced calls baked in."""
+
+    def __init__(self, ir: IR, keep_whole: Dict[str, str], tracer: _Tracer, changed: Dict[str, set],
+                 root: nn.Module) -> None:
+        self.ir, self.keep_whole = ir, keep_whole
+        self.newly_traced = sorted(tracer.newly_traced)
+        # the forward itself changes these attributes (a counter, an activation kept): the self-check judges them
+        self.watched = [(m, frozenset(changed.get(name, ()))) for name, m in {"": root, **tracer.traced}.items()]
+        self.state = self._state()
+
+    def _state(self) -> tuple:
+        return tuple(tuple((k, _state_value(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS and
+                           k not in skip) for m, skip in self.watched)
+
+    def state_changed(self) -> bool:
+        return self._state() != self.state
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _state_value(v: Any) -> Any:
+    """A module attribute as the state fingerprint keeps it: numbers, strings and short sequences of them by value,
+    anything else by identity (a tensor attribute is read live by the program; its replacement is still seen)."""
+    if isinstance(v, _SCALARS):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) <= 64 and all(isinstance(u, _SCALARS) for u in v):
+        return type(v), tuple(v)
+    return "id", id(v)
+
+
+def _trace(model: nn.Module, keep_whole: Dict[str, str]) -> _Traced:
+    """Trace and lower ``model``, keeping whole the modules in ``keep_whole`` and each module that :class:`_Tracer`
+    or the lowering blames (then retracing: at most once per module). Compiling leaves the model as it was:
+    buffers the trace changed are restored, attributes the trace set to torch.fx proxies are undone."""
+    concrete = _specialise_defaults(model)
+    keep_whole = dict(keep_whole)
+    modules = dict(model.named_modules())
+    for _ in range(len(modules) + 1):
+        # tracing runs Python code on real buffers (a BatchNorm subclass's num_batches_tracked.add_(1)): restore
+        # any buffer the trace changed; and on the modules' attributes (self.h = x): undo proxies left there
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        attributes = {name: dict(vars(m)) for name, m in modules.items()}
+        tracer = _Tracer(keep_whole)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            _drop_specialised(graph)
+            _fuse_split_items(graph)
+        except _KeepWhole as e:
+            keep_whole[e.qualname] = e.reason
+            continue
+        except Exception as e:  # noqa: BLE001 - any tracing failure is a model dbprop cannot compile
+            raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") \
+                from None
+        finally:
+            with torch.no_grad():
+                for b, before in buffers:
+                    if not torch.equal(b, before):
+                        b.copy_(before)
+            changed = _undo_proxies(modules, attributes)
+        try:
+            ir = _Lowering(model)(graph)
+            _refuse_parametrized(model, graph, ir)
+            return _Traced(ir, keep_whole, tracer, changed, model)
+        except UnsupportedModelError as e:
+            where = getattr(e, "node", None)
+            blamed = next((name for name in reversed(where.meta.get("dbprop_modules", ()) if where else ())
+                           if name in tracer.newly_traced), None)
+            if blamed is None:
+                raise
+            keep_whole[blamed] = f"dbprop refuses a call in its forward ({e})"
+    raise UnsupportedModelError(f"{type(model).__name__}: no module left to keep whole")  # not reached
+
+
+def _undo_proxies(modules: Dict[str, nn.Module], before: Dict[str, Dict[str, Any]]) -> Dict[str, set]:
+    """Restore (or remove) the module attributes a trace set to torch.fx proxies; return, per module, the names
+    of the attributes the trace changed."""
+    changed: Dict[str, set] = {}
+    for name, m in modules.items():
+        old, now = before[name], vars(m)
+        keys = {k for k in now.keys() | old.keys() if k not in old or k not in now or now[k] is not old[k]}
+        if keys:
+            changed[name] = keys
+        for k in keys:
+            if isinstance(now.get(k), fx.Proxy):
+                if k in old:
+                    now[k] = old[k]
+                else:
+                    del now[k]
+    return changed
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Program]]" = weakref.WeakKeyDictionary()
@@ -885,7 +1102,7 @@ def cached_program(model: nn.Module) -> Program:
     model = _unwrap(model)
     sig = _signature(model)
     hit = _cache.get(model)
-    if hit is None or hit[0] != sig:
+    if hit is None or hit[0] != sig or (isinstance(hit[1], Program) and hit[1].state_changed()):
         try:
             hit = (sig, compile_model(model))
         except UnsupportedModelError as e:  # remembered too: an unsupported model is not re-traced every call

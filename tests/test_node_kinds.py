@@ -110,13 +110,24 @@ class AdaptiveMax1d(nn.Module):
 
 
 class Wave(nn.Module):
-    """A module the program does not know (it owns a parameter): an opaque node."""
+    """A user module owning a parameter, traced into: ``x * self.freq`` is a product with a parameter leaf and
+    ``torch.sin``, a call the program does not know, an opaque node."""
 
     def __init__(self, n):
         super().__init__()
         self.freq = nn.Parameter(torch.linspace(0.5, 1.5, n))
 
     def forward(self, x):
+        return torch.sin(x * self.freq)
+
+
+class CheckedWave(Wave):
+    """Wave with a data-dependent branch, which torch.fx cannot trace: kept whole, an opaque node with its own
+    parameter (its gradient from local autograd)."""
+
+    def forward(self, x):
+        if x.abs().max() > 1e6:
+            x = x / x.abs().max()
         return torch.sin(x * self.freq)
 
 # ---- parameter leaves, products, constants (issue 17 items 2, 5a, 6)
@@ -283,7 +294,9 @@ CASES = {
         "torchvision-eval": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), StochasticDepth(0.4, "row"),
                                                    nn.Linear(5, 3)).eval(), (4,)),
         "timm-p0-train": (_seq(nn.Linear(4, 5), nn.Tanh(), DropPath(0.0), nn.Linear(5, 3)), (4,))},
-    nodes.Opaque: {"unknown-module": (_seq(nn.Linear(4, 5), Wave(5), nn.Linear(5, 3)), (4,))},
+    nodes.Opaque: {"unknown-module": (_seq(nn.Linear(4, 5), Wave(5), nn.Linear(5, 3)), (4,)),
+                   "torch-module": (_seq(nn.Linear(4, 5), nn.PReLU(5, 0.3), nn.Linear(5, 3)), (4,)),
+                   "kept-whole": (_seq(nn.Linear(4, 5), CheckedWave(5), nn.Linear(5, 3)), (4,))},
     # issue 17 items 2, 5a, 6: parameter leaves, products, constants
     nodes.ParameterLeaf: {"vit": (TinyViT, (4, 5))},
     nodes.ParameterFunction: {"class-token": (TinyViT, (4, 5))},

@@ -21,8 +21,10 @@ from helpers import BACKENDS  # noqa: E402  (one definition for every test file)
 
 
 class Probe(nn.Module):
-    """A per-channel scale (an opaque node: it owns a parameter). When ``armed`` with a function, its next
-    forward first calls it (the result kept in ``inner``): with a dbprop call, a call nested in a pass."""
+    """A per-channel scale, kept whole as an opaque node: its forward checks its input with a data-dependent
+    branch, which torch.fx cannot trace, so the tracer keeps the module whole and the node runs this Python code
+    at run time. When ``armed`` with a function, its next forward first calls it (the result kept in ``inner``):
+    with a dbprop call, a call nested in a pass."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -33,12 +35,14 @@ class Probe(nn.Module):
         if self.armed is not None:
             call, self.armed = self.armed, None
             self.inner.append(call())
+        if not torch.isfinite(h).all():  # data-dependent: torch.fx cannot trace it (the module stays opaque)
+            raise ValueError("non-finite activation")
         return h * self.scale
 
 
 class ResidualLN(nn.Module):
-    """conv-ReLU, a residual block around an opaque scale, LayerNorm (opaque), a traced ``view`` that reads a
-    traced ``size`` (a reshape with a meta argument) and a linear head."""
+    """conv-ReLU, a residual block around an opaque scale, LayerNorm, a traced ``view`` that reads a traced
+    ``size`` (a reshape with a meta argument) and a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +78,7 @@ def test_the_model_has_opaque_and_reshape_nodes_with_meta_arguments():
     program = dbprop.compile_model(_model())
     kinds = {type(op) for op in program.ops}
     assert Opaque in kinds and Reshape in kinds
+    assert list(program.kept_whole) == ["probe"] and "TraceError" in program.kept_whole["probe"]
     assert any(s.op is None for s in program.ir.steps)  # h.size(0)
 
 

@@ -47,14 +47,14 @@ def _no_dropout(model: nn.Module) -> nn.Module:
 
 
 #: name -> (constructor with random weights and C classes, input side, native-fraction floor). The floors are the
-#: measured fractions (bench/realmodels.py): ConvNeXt blocks own their layer-scale parameter, so each block is one
-#: opaque node (exact, by local autograd)
+#: measured fractions (bench/realmodels.py); ConvNeXt blocks, which own their layer-scale parameter, are traced into
+#: (the layer scale a parameter leaf)
 MODELS = {
     "tv_resnet18": (lambda: tv.resnet18(num_classes=C), 32, 1.0),
     "tv_vgg11_bn": (lambda: tv.vgg11_bn(num_classes=C), 32, 1.0),
     "tv_mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=C, dropout=0.0), 32, 1.0),
     "tv_regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=C), 32, 1.0),
-    "tv_convnext_tiny": (lambda: tv.convnext_tiny(num_classes=C, stochastic_depth_prob=0.0), 32, 0.55),
+    "tv_convnext_tiny": (lambda: tv.convnext_tiny(num_classes=C, stochastic_depth_prob=0.0), 32, 1.0),
     "tv_efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=C, stochastic_depth_prob=0.0, dropout=0.0),
                            32, 1.0),
     "tv_mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=C, dropout=0.0), 32, 1.0),
@@ -64,7 +64,7 @@ MODELS = {
     "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=C), 32, 1.0),
     "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=C), 32, 1.0),
     "timm_regnety_002": (lambda: timm.create_model("regnety_002", num_classes=C), 32, 1.0),
-    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=C), 32, 0.69),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=C), 32, 1.0),
     "timm_resnetv2_50": (lambda: timm.create_model("resnetv2_50", num_classes=C), 32, 1.0),
 }
 
