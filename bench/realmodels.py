@@ -44,7 +44,7 @@ from test_real_models import MODELS, _no_dropout, largest_error, native_fraction
 #: plain training step
 NO_AUTOGRAD = ("tv_mobilenet_v3_small", "tv_mobilenet_v3_large")
 #: the contenders of a speed row: against autograd, or (NO_AUTOGRAD) against a plain training step
-CONTENDERS = ("autograd", "dbprop")
+CONTENDERS = ("autograd", "dbprop", "autograd_double_backprop", "dbprop_double_backprop")
 PLAIN_CONTENDERS = ("plain", "dbprop", "dbprop_double_backprop")
 #: DoubleBackpropLoss's weight in its speed row (any value: the work does not depend on it)
 DOUBLE_BACKPROP_WEIGHT = 0.1
@@ -78,8 +78,9 @@ def coverage_row(name: str) -> dict:
 
 def time_contender(name: str, contender: str, repeats: int, B: int = 16, C: int = 10) -> dict:
     """Seconds per step (value and parameter gradients), float32, train mode: ``dbprop`` / ``autograd``: the
-    exact Jacobian penalty (logits); ``dbprop_double_backprop``: DoubleBackpropLoss (cross-entropy); ``plain``:
-    cross-entropy, forward and backward. Also the peak RSS (MB) above the RSS before the warm-up call."""
+    exact Jacobian penalty (logits); ``dbprop_double_backprop`` / ``autograd_double_backprop``: DoubleBackpropLoss
+    (cross-entropy + weight·‖∇x CE‖²); ``plain``: cross-entropy, forward and backward. Also the peak RSS (MB)
+    above the RSS before the warm-up call."""
     make, side, _ = MODELS[name]
     torch.manual_seed(0)
     model = with_classes(_no_dropout(make()), C).train()
@@ -93,6 +94,8 @@ def time_contender(name: str, contender: str, repeats: int, B: int = 16, C: int 
         "dbprop": lambda: Fn.jacobian_penalty(model, x, output="logits", strict=True),
         "autograd": lambda: fallback.autograd_penalty(model, head, x).mean(),
         "dbprop_double_backprop": lambda: double_backprop(x, y),
+        "autograd_double_backprop": lambda: fallback.autograd_penalty(
+            model, P.DoubleBackprop(y, DOUBLE_BACKPROP_WEIGHT, "cross_entropy"), x).mean(),
         "plain": lambda: torch.nn.functional.cross_entropy(model(x), y),
     }[contender]
 
@@ -150,6 +153,7 @@ def speed_row(name: str, fresh: bool, repeats: int) -> dict:
         row["double_backprop_over_plain"] = round(med["dbprop_double_backprop"][0] / med["plain"][0], 3)
     else:
         row["speedup"] = round(med["autograd"][0] / med["dbprop"][0], 3)
+        row["double_backprop_speedup"] = round(med["autograd_double_backprop"][0] / med["dbprop_double_backprop"][0], 3)
     return row
 
 
