@@ -371,33 +371,37 @@ def _expand_attention_modules(graph: fx.Graph, model: nn.Module) -> None:
     (:func:`mha_mask`, a constant of the program when the masks are), heads merged and ``F.linear`` of
     ``out_proj``'s weight and bias. Sequence-first modules (``batch_first=False``) are expanded when their inputs
     are ``h.transpose(0, 1)`` of batch-first tensors: the expansion reads ``h`` and gives its output batch first
-    (a ``transpose(0, 1)`` of the output is then that output). Modules not rewritten stay opaque nodes (exact, on
-    the math attention backend): ``add_bias_kv``, ``add_zero_attn``, parametrized weights, weights read by the
-    caller, a subclass with its own ``forward``."""
+    (a ``transpose(0, 1)`` of the output is then that output). Modules not rewritten whose weights are unread stay
+    opaque nodes of their output (exact, local autograd on the math attention backend): ``add_bias_kv``,
+    ``add_zero_attn``, parametrized weights (refused later), a subclass with its own ``forward``, other
+    sequence-first inputs. Where the caller reads the weights the module is left as it is (an opaque node
+    returning a tuple: refused)."""
     modules = dict(model.named_modules())
     targets = parametrized.targets(model)
     parametrized_modules = {id(m) for _, m, _ in targets}
     for node in list(graph.nodes):
         m = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(m, nn.MultiheadAttention) or type(m).forward is not nn.MultiheadAttention.forward or \
-                m.bias_k is not None or m.bias_v is not None or m.add_zero_attn or \
-                any(id(sub) in parametrized_modules for sub in m.modules()):
-            continue
-        kw = _mha_arguments(node)
-        if kw is None or not all(isinstance(kw[k], fx.Node) for k in ("query", "key", "value")) or \
-                not isinstance(kw["is_causal"], bool) or \
-                (kw["is_causal"] and kw["attn_mask"] is None):  # torch refuses it: leave the module's own error
+        if not isinstance(m, nn.MultiheadAttention):
             continue
         items = list(node.users)
         if not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and
                    u.args[1] in (0, 1) and (u.args[1] == 0 or not u.users) for u in items):
+            continue  # the weights are read: an opaque node returning a tuple, refused
+        kw = _mha_arguments(node)
+        expand = type(m).forward is nn.MultiheadAttention.forward and m.bias_k is None and m.bias_v is None and \
+            not m.add_zero_attn and not any(id(sub) in parametrized_modules for sub in m.modules()) and \
+            kw is not None and all(isinstance(kw[k], fx.Node) for k in ("query", "key", "value")) and \
+            isinstance(kw["is_causal"], bool) and not (kw["is_causal"] and kw["attn_mask"] is None)
+        qkv = [kw["query"], kw["key"], kw["value"]] if expand else []
+        if expand and not m.batch_first:
+            qkv = [_sequence_first_source(a) for a in qkv]
+            expand = all(s is not None for s in qkv)
+        if not expand:  # one opaque node, of the module's output only (Opaque nodes give one tensor)
+            node.meta["dbprop_output_item"] = 0
+            for u in items:
+                u.replace_all_uses_with(node)
+                graph.erase_node(u)
             continue
-        qkv = [kw["query"], kw["key"], kw["value"]]
-        if not m.batch_first:
-            sources = [_sequence_first_source(a) for a in qkv]
-            if any(s is None for s in sources):
-                continue
-            qkv = sources
         q_in, k_in, v_in = qkv
         E, H, path = m.embed_dim, m.num_heads, node.target
         meta = dict(node.meta)
@@ -661,6 +665,9 @@ class _Lowering:
         call = self._call(node, inputs)
         if module is not None:  # a module kept whole may attend (nn.MultiheadAttention, a transformer layer)
             call = _math_attention(call)
+        item = node.meta.get("dbprop_output_item")
+        if item is not None:  # nn.MultiheadAttention kept whole, its (out, weights) read for out only
+            call = functools.partial(lambda call, item, *a: call(*a)[item], call, item)
         return N.Opaque(self._name(node), call, module)
 
     @staticmethod
