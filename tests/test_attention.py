@@ -605,3 +605,25 @@ def test_mha_forward_matches_the_module_in_float32():
         with torch.no_grad():
             got = Passes(program.ir, nodes.PythonKernels()).forward(x, keep_inputs=False).output
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_modules_kept_whole_attend_on_the_math_backend():
+    """``nn.TransformerEncoderLayer`` (torch's own forward, no node kind) is one opaque node; its local autograd
+    runs on the math backend (the fused CPU kernel has no double backward), so it is exact."""
+    torch.manual_seed(7)
+    model = EncoderLayer().double()
+    program = dbprop.compile_model(model)
+    assert [program.ops[n].name for n in program.opaque_nodes] == ["layer"]
+    _check(model, torch.randn(3, 5, 3, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend="python", strict=True),
+           P.JacobianFrobenius("softmax"))
