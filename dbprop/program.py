@@ -309,6 +309,161 @@ def _fuse_split_items(graph: fx.Graph) -> None:
             graph.erase_node(permute_node)
 
 
+# ------------------------------------------------------------------------------------- nn.MultiheadAttention
+_MHA_PARAMETERS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
+#: what the caller may read of ``(out, weights)``: ``out`` (item 0), the weights only when nothing reads them
+_SEQUENCE_FIRST = ((0, 1), (1, 0))
+
+
+def mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], shape: Tuple[int, ...],
+             source: Tuple[int, ...], heads: int, dtype: torch.dtype) -> Tensor:
+    """The mask ``nn.MultiheadAttention`` hands ``F.scaled_dot_product_attention`` (``F.multi_head_attention_forward``
+    written out): boolean masks (``True``: not attended) made additive (``−∞``), ``attn_mask`` of shape ``(L, S)``
+    or ``(B·H, L, S)`` plus ``key_padding_mask`` ``(B, S)`` broadcast over heads and queries, as ``(B or 1, H or 1,
+    L, S)``. ``shape``, ``source``: the batch-first shapes of the query and of the key."""
+    def additive(m):
+        if m is None or m.dtype != torch.bool:
+            return m
+        return torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf"))
+    B, L, S = shape[0], shape[1], source[1]
+    mask, pad = additive(attn_mask), additive(key_padding_mask)
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if pad is not None:
+        pad = pad.view(B, 1, 1, S).expand(-1, heads, -1, -1).reshape(B * heads, 1, S)
+        mask = pad if mask is None else mask + pad
+    if mask.size(0) == 1 and mask.dim() == 3:
+        return mask.unsqueeze(0)
+    return mask.view(B, heads, -1, S)
+
+
+def _mha_arguments(node: fx.Node) -> Optional[Dict[str, Any]]:
+    """The arguments of a traced ``nn.MultiheadAttention`` call by name, defaults filled in."""
+    try:
+        bound = inspect.signature(nn.MultiheadAttention.forward).bind(None, *node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return {k: bound.arguments[k] for k in _MHA_PARAMETERS}
+
+
+def _sequence_first_source(node: Any) -> Optional[fx.Node]:
+    """``h`` for a traced ``h.transpose(0, 1)`` (``transpose(1, 0)``, ``permute(1, 0, 2)``, ``swapaxes``), else ``None``."""
+    if not isinstance(node, fx.Node) or not isinstance(node.args[0] if node.args else None, fx.Node) or node.kwargs:
+        return None
+    target = node.target if node.op in ("call_method", "call_function") else None
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    dims = tuple(node.args[1:])
+    if name == "permute" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if name in ("transpose", "swapaxes", "swapdims") and dims in _SEQUENCE_FIRST or \
+            name == "permute" and dims == (1, 0, 2):
+        return node.args[0]
+    return None
+
+
+def _expand_attention_modules(graph: fx.Graph, model: nn.Module) -> None:
+    """Rewrite each call of an ``nn.MultiheadAttention`` leaf whose result is only indexed for its output
+    (``out, _ = mha(x, x, x)``: the weights unread) into the traced calls it makes (docs/maths.md §4.17):
+    the in-projection as ``F.linear`` of the module's own ``in_proj_weight`` (a :class:`~dbprop.nodes.Linear`,
+    whose outputs q, k, v are then narrowed out; with separate ``q/k/v_proj_weight``, a Linear each plus the bias
+    slice), heads split (``unflatten``, ``transpose``), ``F.scaled_dot_product_attention`` with the merged mask
+    (:func:`mha_mask`, a constant of the program when the masks are), heads merged and ``F.linear`` of
+    ``out_proj``'s weight and bias. Sequence-first modules (``batch_first=False``) are expanded when their inputs
+    are ``h.transpose(0, 1)`` of batch-first tensors: the expansion reads ``h`` and gives its output batch first
+    (a ``transpose(0, 1)`` of the output is then that output). Modules not rewritten whose weights are unread stay
+    opaque nodes of their output (exact, local autograd on the math attention backend): ``add_bias_kv``,
+    ``add_zero_attn``, parametrized weights (refused later), a subclass with its own ``forward``, other
+    sequence-first inputs. Where the caller reads the weights the module is left as it is (an opaque node
+    returning a tuple: refused)."""
+    modules = dict(model.named_modules())
+    targets = parametrized.targets(model)
+    parametrized_modules = {id(m) for _, m, _ in targets}
+    for node in list(graph.nodes):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        items = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and
+                   u.args[1] in (0, 1) and (u.args[1] == 0 or not u.users) for u in items):
+            continue  # the weights are read: an opaque node returning a tuple, refused
+        kw = _mha_arguments(node)
+        expand = type(m).forward is nn.MultiheadAttention.forward and m.bias_k is None and m.bias_v is None and \
+            not m.add_zero_attn and not any(id(sub) in parametrized_modules for sub in m.modules()) and \
+            kw is not None and all(isinstance(kw[k], fx.Node) for k in ("query", "key", "value")) and \
+            isinstance(kw["is_causal"], bool) and not (kw["is_causal"] and kw["attn_mask"] is None)
+        qkv = [kw["query"], kw["key"], kw["value"]] if expand else []
+        if expand and not m.batch_first:
+            qkv = [_sequence_first_source(a) for a in qkv]
+            expand = all(s is not None for s in qkv)
+        if not expand:  # one opaque node, of the module's output only (Opaque nodes give one tensor)
+            node.meta["dbprop_output_item"] = 0
+            for u in items:
+                u.replace_all_uses_with(node)
+                graph.erase_node(u)
+            continue
+        q_in, k_in, v_in = qkv
+        E, H, path = m.embed_dim, m.num_heads, node.target
+        meta = dict(node.meta)
+
+        def add(op, target, args, kwargs=None, name=None):
+            new = graph.create_node(op, target, tuple(args), kwargs or {},
+                                    name=None if name is None else f"{path.replace('.', '_')}_{name}")
+            new.meta.update(meta)
+            return new
+
+        with graph.inserting_before(node):
+            weight = lambda name: add("get_attr", f"{path}.{name}", ())  # noqa: E731
+            bias = weight("in_proj_bias") if m.in_proj_bias is not None else None
+            projected: Dict[fx.Node, fx.Node] = {}
+            heads = []
+            for i, h in enumerate((q_in, k_in, v_in)):
+                if m._qkv_same_embed_dim:  # one Linear per distinct input, its outputs narrowed
+                    if h not in projected:
+                        projected[h] = add("call_function", F.linear, (h, weight("in_proj_weight"), bias),
+                                           name="in_proj")
+                    t = add("call_method", "narrow", (projected[h], -1, i * E, E))
+                else:
+                    t = add("call_function", F.linear, (h, weight(("q", "k", "v")[i] + "_proj_weight"), None))
+                    if bias is not None:
+                        t = add("call_function", operator.add, (t, add("call_method", "narrow", (bias, 0, i * E, E))))
+                t = add("call_method", "unflatten", (t, -1, (H, E // H)))
+                heads.append(add("call_method", "transpose", (t, 1, 2)))
+            mask, causal = kw["attn_mask"], kw["is_causal"]
+            if causal and kw["key_padding_mask"] is None:
+                mask = None  # what the module does: is_causal, the mask a hint
+            else:
+                causal = False
+                if mask is not None or kw["key_padding_mask"] is not None:
+                    mask = add("call_function", mha_mask, (
+                        mask, kw["key_padding_mask"], add("call_function", builtins.getattr, (q_in, "shape")),
+                        add("call_function", builtins.getattr, (k_in, "shape")), H,
+                        add("call_function", builtins.getattr, (q_in, "dtype"))))
+            p = m.dropout if m.training else 0.0
+            o = add("call_function", F.scaled_dot_product_attention, (*heads,),
+                    {"attn_mask": mask, "dropout_p": p, "is_causal": causal}, name="attention")
+            o = add("call_method", "flatten", (add("call_method", "transpose", (o, 1, 2)), 2))
+            out = add("call_function", F.linear, (o, weight("out_proj.weight"),
+                                                  weight("out_proj.bias") if m.out_proj.bias is not None else None),
+                      name="out_proj")
+            result = out if m.batch_first else add("call_method", "transpose", (out, 0, 1))
+        for u in items:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(result)
+            graph.erase_node(u)
+        graph.erase_node(node)
+        if result is not out:  # h.transpose(0, 1) of the sequence-first output: the batch-first output itself
+            for u in list(result.users):
+                if _sequence_first_source(u) is result:
+                    u.replace_all_uses_with(out)
+                    graph.erase_node(u)
+            if not result.users:
+                graph.erase_node(result)
+        for a in {kw["query"], kw["key"], kw["value"]}:  # the transposes read only by the module
+            if not a.users and a.op != "placeholder" and a not in (q_in, k_in, v_in):
+                graph.erase_node(a)
+
+
 def _permutation(node: Any) -> Optional[Tuple[int, ...]]:
     """The dimensions of a traced ``x.permute(...)`` / ``torch.permute(x, dims)`` with constant dimensions."""
     if not isinstance(node, fx.Node) or not (node.op == "call_method" and node.target == "permute" or
@@ -507,7 +662,13 @@ class _Lowering:
         return TracedCall(node, fn, tuple(inputs))
 
     def _opaque(self, node: fx.Node, inputs: List[fx.Node], module: Optional[nn.Module] = None) -> N.Op:
-        return N.Opaque(self._name(node), self._call(node, inputs), module)
+        call = self._call(node, inputs)
+        if module is not None:  # a module kept whole may attend (nn.MultiheadAttention, a transformer layer)
+            call = _math_attention(call)
+        item = node.meta.get("dbprop_output_item")
+        if item is not None:  # nn.MultiheadAttention kept whole, its (out, weights) read for out only
+            call = functools.partial(lambda call, item, *a: call(*a)[item], call, item)
+        return N.Opaque(self._name(node), call, module)
 
     @staticmethod
     def _name(node: fx.Node) -> str:
@@ -1040,6 +1201,7 @@ def _trace(model: nn.Module, keep_whole: Dict[str, str]) -> _Traced:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _drop_specialised(graph)
             _fuse_split_items(graph)
+            _expand_attention_modules(graph, model)
         except _KeepWhole as e:
             keep_whole[e.qualname] = e.reason
             continue

@@ -417,3 +417,213 @@ def test_the_autograd_fallback_runs_attention_on_the_math_backend():
     ref = _reference(model, P.JacobianFrobenius("softmax"), x)
     torch.testing.assert_close(value.detach(), ref.detach(), rtol=1e-12, atol=0)
     assert_grads_close(grads_of(value, model, x), grads_of(ref, model, x), rtol=1e-9)
+
+
+# ---- nn.MultiheadAttention: expanded into traced calls (in-projection, heads, SDPA, out_proj), all native
+class MHABlock(nn.Module):
+    """Tokens ``(B, N, 3)`` embedded, an ``nn.MultiheadAttention`` with a residual, mean pooling, a head.
+
+    ``kind``: "self" (``mha(h, h, h, need_weights=False)``, torchvision's EncoderBlock), "weights-ignored" (the
+    default ``need_weights=True``, the weights unpacked and unused), "cross" (query from ``h``, key and value one
+    other tensor), "qkv" (three different tensors), "seq-first" (``batch_first=False``, the inputs
+    ``h.transpose(0, 1)``, the output transposed back). ``mask``: None, "bool" (an ``(L, S)`` boolean
+    ``attn_mask``, True where not attended), "float" (an additive ``(B·H, L, S)`` one), "padding" (a boolean
+    ``key_padding_mask``), "padding+bool", "causal" (``is_causal`` with a causal ``attn_mask``), buffers of the
+    root. ``mha``: keyword arguments of the module."""
+
+    def __init__(self, kind="self", mask=None, seq=5, batch=3, heads=2, dim=8, classes=3, **mha):
+        super().__init__()
+        self.kind, self.mask_kind = kind, mask
+        self.embed = nn.Linear(3, dim)
+        self.other = nn.Linear(3, mha.get("kdim", dim))
+        self.third = nn.Linear(3, mha.get("vdim", dim))
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=kind != "seq-first", **mha)
+        self.head = nn.Linear(dim, classes)
+        g = torch.Generator().manual_seed(3)
+        allowed = torch.rand(seq, seq, generator=g) > 0.4
+        allowed[:, 0] = True
+        padding = torch.zeros(batch, seq, dtype=torch.bool)
+        padding[0, 3:], padding[2, 1] = True, True
+        self.register_buffer("attn_mask", ~allowed if mask in ("bool", "padding+bool") else
+                             torch.randn(batch * heads, seq, seq, generator=g).double() if mask == "float" else
+                             torch.ones(seq, seq, dtype=torch.bool).triu(1) if mask == "causal" else None)
+        self.register_buffer("padding", padding if mask in ("padding", "padding+bool") else None)
+        with torch.no_grad():  # attention logits of order 1
+            self.attn.in_proj_weight.mul_(3.0) if self.attn.in_proj_weight is not None else None
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        masks = dict(attn_mask=self.attn_mask, key_padding_mask=self.padding, is_causal=self.mask_kind == "causal")
+        if self.kind == "self":
+            a, _ = self.attn(h, h, h, need_weights=False, **masks)
+        elif self.kind == "weights-ignored":
+            a, _ = self.attn(h, h, h, **masks)
+        elif self.kind == "cross":
+            m = self.other(x)
+            a = self.attn(h, m, m, need_weights=False, **masks)[0]
+        elif self.kind == "qkv":
+            a = self.attn(h, self.other(x), self.third(x), need_weights=False, **masks)[0]
+        else:  # sequence first
+            t = h.transpose(0, 1)
+            a = self.attn(t, t, t, need_weights=False, **masks)[0].transpose(0, 1)
+        return self.head((h + a).mean(1))
+
+
+MHA_MODELS = {
+    "self": dict(),
+    "weights-ignored": dict(kind="weights-ignored"),
+    "cross": dict(kind="cross"),
+    "qkv": dict(kind="qkv"),
+    "qkv-kdim-vdim": dict(kind="qkv", kdim=5, vdim=6),
+    "seq-first": dict(kind="seq-first"),
+    "no-bias": dict(bias=False),
+    "bool-mask": dict(mask="bool"),
+    "float-mask": dict(mask="float", heads=4),
+    "padding": dict(mask="padding"),
+    "padding+bool": dict(kind="seq-first", mask="padding+bool"),
+    "causal": dict(mask="causal", kind="weights-ignored"),
+    "dropout-eval": dict(dropout=0.3),
+}
+
+
+def _mha(seed=0, train=True, **kw):
+    torch.manual_seed(seed)
+    dropout = kw.get("dropout", 0.0)
+    return MHABlock(**kw).double().train(train and dropout == 0.0)
+
+
+def test_mha_has_no_opaque_nodes():
+    for name, kw in MHA_MODELS.items():
+        program = dbprop.compile_model(_mha(**kw))
+        assert program.opaque_nodes == [], (name, program.explain())
+        assert sum(type(op) is nodes.Attention for op in program.ops) == 1, name
+        assert {p for p in program.parameters()} >= {p for p in program.model.attn.parameters()}, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+@pytest.mark.parametrize("case", list(MHA_MODELS))
+def test_mha_jacobian_penalty(case, output, backend):
+    model = _mha(**MHA_MODELS[case])
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    _check(model, x, lambda m, x: Fn.jacobian_penalty(m, x, output=output, backend=backend, strict=True),
+           P.JacobianFrobenius(output))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["self", "qkv-kdim-vdim", "seq-first", "padding+bool"])
+def test_mha_double_backprop_loss(case, backend):
+    model = _mha(**MHA_MODELS[case])
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    _check(model, x, lambda m, x: Fn.double_backprop_loss(m, x, y, 0.7, backend=backend, strict=True),
+           P.DoubleBackprop(y, 0.7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["self", "cross", "float-mask", "causal"])
+def test_mha_gradient_penalty(case, backend):
+    model = _mha(classes=1, **MHA_MODELS[case])
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    _check(model, x, lambda m, x: Fn.gradient_penalty(m, x, 1.0, backend=backend, strict=True), P.GradientNorm(1.0))
+
+
+class MHAKept(MHABlock):
+    """What stays one opaque node (local autograd on the math backend, exact): ``add_bias_kv`` /
+    ``add_zero_attn``; ``kind="weights-used"``: the attention weights read by the caller (refused)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        a, w = self.attn(h, h, h)
+        if self.kind == "weights-used":
+            a = a + w.sum(-1, keepdim=True)
+        return self.head((h + a).mean(1))
+
+
+@pytest.mark.parametrize("kw", [dict(add_bias_kv=True), dict(add_zero_attn=True)],
+                         ids=["add-bias-kv", "add-zero-attn"])
+def test_mha_kept_whole_is_exact(kw):
+    torch.manual_seed(5)
+    model = MHAKept(**kw).double()
+    program = dbprop.compile_model(model)
+    assert [program.ops[n].name for n in program.opaque_nodes] == ["attn"]
+    _check(model, torch.randn(3, 5, 3, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend="python", strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
+def test_mha_weights_read_are_refused():
+    torch.manual_seed(5)
+    model = MHAKept(kind="weights-used").double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedModelError, match="attn returns tuple"):
+        Fn.jacobian_penalty(model, x, strict=True)
+    with pytest.warns(dbprop.FallbackWarning):  # not strict: autograd instead, with a warning
+        Fn.jacobian_penalty(model, x)
+
+
+class MHAInputPadding(MHABlock):
+    """An additive key padding mask computed from ``x``: the attention call stays opaque (math backend), exact;
+    the projections stay native."""
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        a, _ = self.attn(h, h, h, key_padding_mask=-F.softplus(self.other(x)[..., 0]), need_weights=False)
+        return self.head((h + a).mean(1))
+
+
+def test_mha_padding_depending_on_x_stays_opaque():
+    torch.manual_seed(6)
+    model = MHAInputPadding().double()
+    program = dbprop.compile_model(model)
+    assert not any(isinstance(op, nodes.Attention) for op in program.ops)
+    assert sum(op.kind == "affine" for op in program.ops) == 5  # embed, other, in_proj, out_proj, head
+    _check(model, torch.randn(3, 5, 3, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend="python", strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
+def test_mha_dropout_in_train_mode_is_refused():
+    torch.manual_seed(0)
+    model = MHABlock(dropout=0.25).double().train()
+    with pytest.raises(UnsupportedModelError, match=r"dropout_p=0\.25.*dbprop needs dropout_p=0"):
+        dbprop.compile_model(model)
+
+
+def test_mha_forward_matches_the_module_in_float32():
+    """The expansion reproduces the module (its fused fast path in eval mode included) to float32 tolerance."""
+    for kind in ("self", "seq-first"):
+        torch.manual_seed(9)
+        model = MHABlock(kind=kind, mask="padding").eval()
+        x = torch.randn(3, 5, 3)
+        with torch.no_grad():
+            want = model(x)
+        value = Fn.jacobian_penalty(model, x, output="softmax", strict=True)  # runs the self-check
+        assert torch.isfinite(value)
+        program = dbprop.compile_model(model)
+        from dbprop.passes import Passes
+        with torch.no_grad():
+            got = Passes(program.ir, nodes.PythonKernels()).forward(x, keep_inputs=False).output
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_modules_kept_whole_attend_on_the_math_backend():
+    """``nn.TransformerEncoderLayer`` (torch's own forward, no node kind) is one opaque node; its local autograd
+    runs on the math backend (the fused CPU kernel has no double backward), so it is exact."""
+    torch.manual_seed(7)
+    model = EncoderLayer().double()
+    program = dbprop.compile_model(model)
+    assert [program.ops[n].name for n in program.opaque_nodes] == ["layer"]
+    _check(model, torch.randn(3, 5, 3, dtype=torch.float64),
+           lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend="python", strict=True),
+           P.JacobianFrobenius("softmax"))

@@ -49,6 +49,17 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _tv_vit() -> nn.Module:
+    """torchvision's ViT-B/16 architecture at a small size; its head and class token start at zero (the output
+    would not depend on ``x``): random here."""
+    model = tv.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=16, mlp_dim=32, num_classes=C)
+    with torch.no_grad():
+        nn.init.normal_(model.heads.head.weight, std=0.5)
+        nn.init.normal_(model.class_token, std=0.5)
+    return model
+
+
 #: name -> (constructor with random weights and C classes, input side, native-fraction floor). The floors are the
 #: measured fractions (bench/realmodels.py); ConvNeXt blocks, which own their layer-scale parameter, are traced into
 #: (the layer scale a parameter leaf)
@@ -69,6 +80,11 @@ MODELS = {
     "timm_regnety_002": (lambda: timm.create_model("regnety_002", num_classes=C), 32, 1.0),
     "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=C), 32, 1.0),
     "timm_resnetv2_50": (lambda: timm.create_model("resnetv2_50", num_classes=C), 32, 1.0),
+    # vision transformers, small configurations (two blocks): torchvision's nn.MultiheadAttention is expanded into
+    # traced calls, timm's Attention is traced into
+    "tv_vit": (lambda: _tv_vit(), 32, 1.0),
+    "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                                num_classes=C), 32, 1.0),
 }
 
 class HardsigmoidReference(nn.Module):
