@@ -1261,8 +1261,8 @@ class Opaque(Op):
         return [] if self.module is None else [p for p in self.module.parameters()]
 
     def run(self, xs, ctx):
-        with torch.enable_grad():
-            xr = [x.detach().requires_grad_(True) for x in xs]
+        with torch.enable_grad():  # integer and boolean inputs (a mask computed from x) carry no derivative
+            xr = [x.detach().requires_grad_(x.is_floating_point() or x.is_complex()) for x in xs]
             y = self.fn(xr, ctx.values)
         if not isinstance(y, Tensor):
             raise UnsupportedOp(f"{self.name} returns {type(y).__name__}, not a tensor")
@@ -1271,7 +1271,7 @@ class Opaque(Op):
     @staticmethod
     def _grad(outputs, inputs, grad_outputs, create_graph=False) -> List[Optional[Tensor]]:
         wanted = [t for t in inputs if t.requires_grad]
-        if not wanted:
+        if not wanted or not outputs.requires_grad:  # (an integer or boolean output: no derivative)
             return [None] * len(inputs)
         got = iter(torch.autograd.grad(outputs, wanted, grad_outputs, retain_graph=True, create_graph=create_graph,
                                        allow_unused=True))
@@ -1293,6 +1293,8 @@ class Opaque(Op):
         q_copies = [self._copies(q, B, k) for q in qs]
         xi_copies = self._copies(xi, B, k)
         tangents, mixed, sources = [], [None] * len(params), [None] * len(xr)
+        if not y.requires_grad:  # an integer or boolean output (a mask): no tangent, no second-order terms
+            return (torch.zeros_like(y).repeat(k, *[1] * (y.dim() - 1)) if need_tangent else None), mixed, sources
         for i in range(k):
             with torch.enable_grad():
                 v = (xi_copies[i] if xi_copies[i] is not None else torch.zeros_like(y)).detach().requires_grad_(True)

@@ -583,6 +583,26 @@ def test_mha_padding_depending_on_x_stays_opaque():
            P.JacobianFrobenius("softmax"))
 
 
+class MHABooleanPadding(MHABlock):
+    """A boolean key padding mask computed from ``x`` (no derivative flows through it): opaque, exact."""
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        a, _ = self.attn(h, h, h, key_padding_mask=self.other(x)[..., 0] > 1.0, need_weights=False)
+        return self.head((h + a).mean(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_boolean_mask_computed_from_x_is_exact(backend):
+    torch.manual_seed(6)
+    model = MHABooleanPadding().double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        x[0, 1:3] += 4.0  # some keys of sample 0 masked (never a whole row)
+    _check(model, x, lambda m, x: Fn.jacobian_penalty(m, x, output="softmax", backend=backend, strict=True),
+           P.JacobianFrobenius("softmax"))
+
+
 def test_mha_dropout_in_train_mode_is_refused():
     torch.manual_seed(0)
     model = MHABlock(dropout=0.25).double().train()
