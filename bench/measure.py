@@ -32,6 +32,16 @@ def wall_time(fn, device, warmup=1, min_repeats=3, max_repeats=15, budget_s=2.0)
     return statistics.median(times), min(times), len(times)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
 def _status_mb(field):
     with open("/proc/self/status") as f:
         for line in f:

@@ -37,7 +37,7 @@ from dbprop import fallback  # noqa: E402
 from dbprop import penalties as P  # noqa: E402
 from dbprop import functional as Fn  # noqa: E402
 
-from bench.measure import peak_rss_mb, reset_peak_rss  # noqa: E402
+from bench.measure import cpu_name, peak_rss_mb, reset_peak_rss  # noqa: E402
 from test_real_models import MODELS, _no_dropout, largest_error, native_fraction  # noqa: E402
 
 #: models where autograd has no double backward (hardsigmoid_backward): their speed rows time dbprop against a
@@ -155,15 +155,6 @@ def speed_row(name: str, fresh: bool, repeats: int) -> dict:
         row["speedup"] = round(med["autograd"][0] / med["dbprop"][0], 3)
         row["double_backprop_speedup"] = round(med["autograd_double_backprop"][0] / med["dbprop_double_backprop"][0], 3)
     return row
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dbprop  # noqa: E402
-from bench.measure import peak_rss_mb, reset_peak_rss  # noqa: E402
+from bench.measure import cpu_name, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 CONTENDERS = ("autograd", "dbprop")
 
@@ -169,14 +168,6 @@ def exactness(batch: int, strict: bool, device: str = "cpu", sn: bool = True) ->
     worst = max((a - b).abs().max().item() for a, b in zip(g, w)) / scale
     return {"check": "float64 exactness", "batch": batch, "mode": c.mode,
             "value_rel_err": abs(v.item() - r.item()) / abs(r.item()), "grad_err_vs_global_scale": worst}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _one(name: str, args) -> dict:
